@@ -240,10 +240,12 @@ def write_dataset(
     *,
     build_config: dict[str, Any] | None = None,
     card_info: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> WriteResult:
     """Write the six mode shards, the dataset card and the manifest (last) for `trajectories`, in their order.
 
-    `build_config` is hashed into the manifest; `card_info` (models, strategy, license) goes into the card.
+    `build_config` is hashed into the manifest; `card_info` (models, strategy, license) goes into the card;
+    `extra` (deterministic build facts: prompt and stage counts) is stored in the manifest under "build".
     Trajectories that cannot yield valid records raise: they must have been filtered before this point.
     """
     out = Path(out)
@@ -290,6 +292,7 @@ def write_dataset(
         "config_hash": config_hash(build_config or {}),
         "shards": shard_config.model_dump(),
         "package_versions": package_versions(),
+        "build": extra or {},
     }
     write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
     return WriteResult(counts=counts, files=files, trajectories=n_traj)

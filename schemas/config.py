@@ -30,3 +30,177 @@ class ShardConfig(StrictModel):
     t1_loss_improving: bool = Field(
         False, description="T1 carries loss in modes 5 and 6 (the paper: false; T1 there is a condition)."
     )
+
+
+class ResourceConfig(StrictModel):
+    """Ray resources of one stage. Model stages run as fixed-size actor pools of `replicas` actors."""
+
+    replicas: int = Field(1, ge=1, description="Actors in the pool (model stages) or max concurrent tasks.")
+    num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions allowed, e.g. 0.5).")
+    num_cpus: float = Field(1.0, gt=0, description="CPUs per actor; use fractions on small machines.")
+    batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
+
+
+class TextModelConfig(StrictModel):
+    """A text or vision-language model used for T1 or T2."""
+
+    engine: Literal["vllm", "transformers"] = Field(
+        "vllm", description="Generation engine; transformers is the fallback."
+    )
+    model: str = Field(..., description="Hub id or local path of the model (loaded with from_pretrained / vllm.LLM).")
+    max_tokens: int = Field(512, ge=8, description="Maximum new tokens per generation.")
+    temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
+    max_model_len: int = Field(8192, ge=128, description="Context length given to vLLM.")
+    tensor_parallel_size: int = Field(1, ge=1, description="vLLM tensor parallelism (GPUs per engine).")
+    gpu_memory_utilization: float = Field(0.85, gt=0, le=1, description="Share of GPU memory vLLM may take.")
+    enforce_eager: bool = Field(False, description="Disable CUDA graphs / compilation (always on for CPU tests).")
+    dtype: str = Field("auto", description="Model dtype for vLLM/transformers ('auto', 'bfloat16', 'float32').")
+    structured: bool = Field(True, description="Constrain T1/T2 with vLLM structured outputs (regex).")
+    max_section_chars: int = Field(600, ge=16, description="Upper bound on each template section in the regex.")
+    max_images: int = Field(2, ge=0, description="Images per prompt the VLM accepts (limit_mm_per_prompt).")
+
+
+class ImageModelConfig(StrictModel):
+    """A diffusers text-to-image (and optionally image-to-image) pipeline."""
+
+    model: str = Field(..., description="Hub id or local path loaded with diffusers' from_pretrained.")
+    steps: int = Field(28, ge=1, description="Denoising steps.")
+    guidance_scale: float = Field(3.5, ge=0, description="Classifier-free guidance scale.")
+    height: int = Field(1024, ge=16, description="Image height in pixels.")
+    width: int = Field(1024, ge=16, description="Image width in pixels.")
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "bfloat16", description="Torch dtype on GPU (CPU uses float32)."
+    )
+    img2img: bool = Field(False, description="Refine: condition I2 on I1 with the image-to-image variant.")
+    strength: float = Field(0.6, gt=0, le=1, description="Image-to-image strength (how far from I1 to move).")
+
+
+class ScoreConfig(StrictModel):
+    """open_clip scoring and the verdict rule."""
+
+    model: str = Field("ViT-L-14", description="open_clip model name (or 'local-dir:PATH' for a saved tiny model).")
+    pretrained: str = Field("openai", description="open_clip pretrained tag or checkpoint path.")
+    min_clip_i2: float = Field(0.0, description="Filter trajectories whose I2-prompt CLIP similarity is below this.")
+    min_improvement: float = Field(
+        0.0, description="Filter unless clip(I2) - clip(I1) >= this (forward strategy: I2 must improve on I1)."
+    )
+    max_i1_i2_similarity: float = Field(
+        1.0, le=1.0, description="Filter when I1 and I2 are near-duplicates (image-image cosine above this)."
+    )
+
+
+class ImageEncodingConfig(StrictModel):
+    format: Literal["png", "jpeg"] = Field("png", description="Encoding of I1/I2 in the records.")
+    jpeg_quality: int = Field(95, ge=90, le=100, description="JPEG quality when format is jpeg.")
+
+
+class PromptSourceConfig(StrictModel):
+    """Where prompts come from. `kind: auto` picks by file extension (.txt, .jsonl, .json, .parquet)."""
+
+    kind: Literal["auto", "txt", "jsonl", "json", "parquet", "hf", "generator"] = Field(
+        "generator", description="Source kind; 'hf' reads a Hugging Face dataset, 'generator' makes prompts."
+    )
+    path: str | None = Field(None, description="File path (txt/jsonl/json/parquet) or dataset name (hf).")
+    field: str = Field("prompt", description="JSON field (jsonl/json of objects) or column (parquet/hf) to read.")
+    split: str = Field("train", description="Split of a Hugging Face dataset.")
+    hf_config: str | None = Field(None, description="Config name of a Hugging Face dataset.")
+    generator_count: int = Field(32, ge=1, description="Prompts made by the built-in compositional generator.")
+    generator_seed: int = Field(0, description="Seed of the built-in compositional generator.")
+    max_chars: int = Field(2000, ge=1, description="Prompts longer than this (after normalisation) are filtered.")
+
+
+class TextStageConfig(StrictModel):
+    model: TextModelConfig = Field(..., description="The LLM/VLM of this stage.")
+    resources: ResourceConfig = Field(ResourceConfig(), description="Ray resources of this stage's actor pool.")
+
+
+class ImageStageConfig(StrictModel):
+    model: ImageModelConfig = Field(..., description="The diffusers pipeline of this stage.")
+    resources: ResourceConfig = Field(ResourceConfig(), description="Ray resources of this stage's actor pool.")
+
+
+class ScoreStageConfig(StrictModel):
+    model: ScoreConfig = Field(ScoreConfig(), description="The open_clip scorer and verdict rule.")
+    resources: ResourceConfig = Field(ResourceConfig(), description="Ray resources of this stage's actor pool.")
+
+
+class RayConfig(StrictModel):
+    address: str | None = Field(None, description="Ray cluster address ('auto' on a cluster); None starts local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all of this machine).")
+    preserve_order: bool = Field(True, description="Keep input order through the stages (deterministic output).")
+
+
+class BuildConfig(StrictModel):
+    """Everything `irgl build` needs. Loaded from YAML; unknown fields are errors."""
+
+    name: str = Field("irgl", description="Dataset name (goes into the card).")
+    strategy: Literal["forward", "hindsight"] = Field(
+        "forward", description="forward: think, draw, reflect, redraw. hindsight: weak and strong images first."
+    )
+    seed: int = Field(0, description="Global seed; every per-trajectory seed derives from it and the trajectory id.")
+    license: str = Field("other", description="License field of the dataset card.")
+    prompts: PromptSourceConfig = Field(PromptSourceConfig(), description="The prompt source.")
+    think: TextStageConfig = Field(..., description="T1: the initial thinking (LLM in forward, VLM in hindsight).")
+    draw_initial: ImageStageConfig = Field(..., description="I1: the initial (hindsight: weak) image generator.")
+    reflect: TextStageConfig = Field(..., description="T2: the reflection, written by a VLM looking at I1 (and I2).")
+    draw_refined: ImageStageConfig = Field(..., description="I2: the refined (hindsight: strong) image generator.")
+    score: ScoreStageConfig = Field(ScoreStageConfig(), description="CLIP scoring and the verdict.")
+    images: ImageEncodingConfig = Field(ImageEncodingConfig(), description="How I1/I2 are encoded in records.")
+    shards: ShardConfig = Field(ShardConfig(), description="How the mode shards are written.")
+    unit_size: int = Field(64, ge=1, description="Prompts per resumable work unit (a few GPU-minutes each).")
+    ray: RayConfig = Field(RayConfig(), description="Where and how Ray runs.")
+
+    def generation_hash(self) -> str:
+        """Hash of everything that changes generated content (not resources, shard layout or Ray settings)."""
+        import hashlib
+        import json
+
+        keep = {
+            "strategy": self.strategy,
+            "seed": self.seed,
+            "think": self.think.model.model_dump(),
+            "draw_initial": self.draw_initial.model.model_dump(),
+            "reflect": self.reflect.model.model_dump(),
+            "draw_refined": self.draw_refined.model.model_dump(),
+            "score": self.score.model.model_dump(),
+            "images": self.images.model_dump(),
+            "t1_loss_improving": self.shards.t1_loss_improving,
+        }
+        return hashlib.sha256(json.dumps(keep, sort_keys=True).encode("utf-8")).hexdigest()[:16]
+
+
+class ConfigError(ValueError):
+    """A config file is missing, unreadable or invalid. The message names the file and the field."""
+
+
+def load_build_config(path: str, overrides: dict | None = None) -> BuildConfig:
+    """Load a YAML build config, apply dotted-key overrides, validate; raise ConfigError naming file and field."""
+    from pathlib import Path
+
+    import yaml
+    from pydantic import ValidationError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return BuildConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"{path}: field '{loc}': {err['msg']}")
+        raise ConfigError("\n".join(lines)) from exc

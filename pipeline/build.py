@@ -1,0 +1,468 @@
+"""`irgl build`: prompts -> trajectories on Ray Data -> six-mode shards, manifest, card.
+
+The job, in order:
+1. Load and validate the config, read the prompts (bad lines counted with `file:line` reasons) - all before any
+   model loads.
+2. Give each prompt a deterministic id and seed, and a work unit (`unit_size` prompts in source order).
+3. Skip units that a previous run finished (a valid marker under `OUT/state/units/`).
+4. Stream the remaining rows through the stages (Ray Data actor pools for model stages, or a plain loop).
+5. As each unit completes, write its trajectories (`OUT/trajectories/`), its rejects (`OUT/rejects/`), then its
+   marker - each through temp name + fsync + rename.
+6. Derive the six-mode shards, card and manifest from all units' trajectories (pure function: same
+   trajectories, same bytes).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import Counter, defaultdict
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.fsio import fsync_rename, sha256_file, write_atomic
+from pipeline.shards import write_dataset
+from schemas.config import BuildConfig
+from schemas.modes import ModeOptions
+from schemas.trajectory import TRAJECTORY_SCHEMA, Trajectory, trajectory_id
+from schemas.work import FAILED, FILTERED, OK, WORK_COLUMNS, WORK_SCHEMA, Batch, new_row
+from stages.assemble import AssembleStage, row_to_trajectory
+from stages.base import Stage
+from stages.draw import DrawStage
+from stages.prompts import Prompt, PromptReport, load_prompts
+from stages.reflect import ReflectStage
+from stages.score import ScoreStage
+from stages.think import ThinkStage
+
+log = logging.getLogger("irgl.build")
+
+STATE_DIR = "state"
+BUILD_STATE = "build.json"
+
+
+class BuildError(RuntimeError):
+    """The build cannot start or continue; the message names the file, field or directory."""
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage graph
+
+
+@dataclass(frozen=True)
+class StageSpec:
+    """One step of the graph: how to construct the stage, and its Ray resources (None = cheap CPU task)."""
+
+    name: str
+    cls: type[Stage]
+    kwargs: dict[str, Any]
+    resources: Any = None  # schemas.config.ResourceConfig for model stages
+
+    def make(self) -> Stage:
+        return self.cls(**self.kwargs)
+
+
+def stage_graph(cfg: BuildConfig, fault_rates: dict[str, float] | None = None) -> list[StageSpec]:
+    """The stages in execution order for the configured strategy."""
+    f = fault_rates or {}
+    think = StageSpec(
+        "think", ThinkStage, {"model": cfg.think.model, "strategy": cfg.strategy, "fault_rate": f.get("think", 0.0)},
+        cfg.think.resources,
+    )  # fmt: skip
+    draw_initial = StageSpec(
+        "draw_initial",
+        DrawStage,
+        {"model": cfg.draw_initial.model, "role": "initial", "strategy": cfg.strategy, "encoding": cfg.images,
+         "fault_rate": f.get("draw_initial", 0.0)},
+        cfg.draw_initial.resources,
+    )  # fmt: skip
+    reflect = StageSpec(
+        "reflect", ReflectStage,
+        {"model": cfg.reflect.model, "strategy": cfg.strategy, "fault_rate": f.get("reflect", 0.0)},
+        cfg.reflect.resources,
+    )  # fmt: skip
+    draw_refined = StageSpec(
+        "draw_refined",
+        DrawStage,
+        {"model": cfg.draw_refined.model, "role": "refined", "strategy": cfg.strategy, "encoding": cfg.images,
+         "fault_rate": f.get("draw_refined", 0.0)},
+        cfg.draw_refined.resources,
+    )  # fmt: skip
+    score = StageSpec(
+        "score", ScoreStage, {"model": cfg.score.model, "fault_rate": f.get("score", 0.0)}, cfg.score.resources
+    )
+    assemble = StageSpec(
+        "assemble", AssembleStage,
+        {"options": ModeOptions(cfg.shards.t1_loss_improving), "fault_rate": f.get("assemble", 0.0)},
+    )  # fmt: skip
+    if cfg.strategy == "hindsight":
+        return [draw_initial, draw_refined, think, reflect, score, assemble]
+    return [think, draw_initial, reflect, draw_refined, score, assemble]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Rows and units
+
+
+def make_rows(cfg: BuildConfig, prompts: list[Prompt]) -> list[dict[str, Any]]:
+    """One work row per prompt: deterministic id (prompt, source, global seed, generation hash) and seed."""
+    gen = cfg.generation_hash()
+    rows = []
+    for index, p in enumerate(prompts):
+        tid = trajectory_id(p.text, p.source, cfg.seed, gen)
+        rows.append(
+            new_row(
+                id=tid,
+                prompt=p.text,
+                source=p.source,
+                where=p.where,
+                unit=index // cfg.unit_size,
+                seed=int(tid[:8], 16),
+                strategy=cfg.strategy,
+            )  # fmt: skip
+        )
+    return rows
+
+
+def rows_to_batch(rows: list[dict[str, Any]]) -> Batch:
+    return {name: [r[name] for r in rows] for name in WORK_COLUMNS}
+
+
+def batch_to_rows(batch: Batch) -> list[dict[str, Any]]:
+    n = len(batch["id"])
+    return [{name: batch[name][i] for name in WORK_COLUMNS} for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Executors: a plain loop (tests, benchmark baseline) and Ray Data (the product)
+
+
+def run_sequential(specs: list[StageSpec], rows: list[dict[str, Any]], batch_size: int = 8) -> Iterator[dict[str, Any]]:
+    """All stages in this process, one after the other, batch by batch. Yields finished rows in input order."""
+    stages = [spec.make() for spec in specs]
+    for stage in stages:
+        stage.setup()
+    for start in range(0, len(rows), batch_size):
+        batch = rows_to_batch(rows[start : start + batch_size])
+        for stage in stages:
+            n = len(batch["id"])
+            batch = stage(batch)
+            if len(batch["id"]) != n:
+                raise RuntimeError(f"stage {stage.name} changed the batch length")
+        yield from batch_to_rows(batch)
+
+
+class _StageActor:
+    """Ray Data adapter: builds the stage once per actor and maps Arrow batches through it (1:1 checked)."""
+
+    def __init__(self, spec: StageSpec) -> None:
+        self.stage = spec.make()
+        self.stage.setup()
+
+    def __call__(self, table: pa.Table) -> pa.Table:
+        n = table.num_rows
+        batch = self.stage(table.to_pydict())
+        if len(batch["id"]) != n:
+            raise RuntimeError(f"stage {self.stage.name} returned {len(batch['id'])} rows for {n}")
+        return pa.Table.from_pydict(batch, schema=WORK_SCHEMA)
+
+
+#: Environment variables handed to Ray workers when set on the driver (offline mode, vLLM CPU settings).
+_WORKER_ENV = (
+    "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLLM_CPU_KVCACHE_SPACE",
+    "VLLM_CPU_OMP_THREADS_BIND", "IRGL_TINY_DIR", "TOKENIZERS_PARALLELISM",
+)  # fmt: skip
+
+
+def init_ray(cfg: BuildConfig, address: str | None = None) -> None:
+    """Connect to a cluster (`--address` / `ray.address`) or start local Ray; reuse a running session."""
+    import os
+
+    import ray
+
+    if ray.is_initialized():
+        return
+    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    ray.init(
+        address=address or cfg.ray.address,
+        num_cpus=None if (address or cfg.ray.address) else cfg.ray.num_cpus,
+        include_dashboard=False,
+        runtime_env={"env_vars": env} if env else None,
+        log_to_driver=True,
+    )
+
+
+def run_ray(cfg: BuildConfig, specs: list[StageSpec], rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Stream rows through the stages on Ray Data. Model stages are fixed-size actor pools (engines start once per
+    actor); cheap stages run in one light actor. Yields finished rows as they arrive (order not guaranteed)."""
+    import ray.data
+
+    ctx = ray.data.DataContext.get_current()
+    ctx.execution_options.preserve_order = cfg.ray.preserve_order
+    ctx.enable_progress_bars = True
+    tables = [
+        pa.Table.from_pylist(rows[i : i + cfg.unit_size], schema=WORK_SCHEMA)
+        for i in range(0, len(rows), cfg.unit_size)
+    ]
+    ds = ray.data.from_arrow(tables)
+    for spec in specs:
+        res = spec.resources
+        if res is None:
+            ds = ds.map_batches(
+                _StageActor, fn_constructor_args=(spec,), batch_format="pyarrow", zero_copy_batch=False,
+                compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=cfg.unit_size,
+            )  # fmt: skip
+            continue
+        ds = ds.map_batches(
+            _StageActor,
+            fn_constructor_args=(spec,),
+            batch_format="pyarrow",
+            zero_copy_batch=False,
+            batch_size=res.batch_size,
+            compute=ray.data.ActorPoolStrategy(size=res.replicas),
+            num_cpus=res.num_cpus,
+            num_gpus=res.num_gpus,
+            # A killed actor is restarted and its in-flight batches are retried on it.
+            max_restarts=3,
+            max_task_retries=3,
+        )
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from batch.to_pylist()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Unit outputs
+
+
+def unit_name(unit: int) -> str:
+    return f"unit-{unit:05d}"
+
+
+def write_unit(out: Path, unit: int, rows: list[dict[str, Any]], gen_hash: str) -> dict[str, Any]:
+    """Write one finished unit: trajectories, rejects, then the marker (last). Returns the marker."""
+    name = unit_name(unit)
+    ok = [r for r in rows if r["status"] == OK]
+    rejected = [r for r in rows if r["status"] != OK]
+    traj_path = out / "trajectories" / f"{name}.parquet"
+    table = pa.Table.from_pylist([row_to_trajectory(r).to_row() for r in ok], schema=TRAJECTORY_SCHEMA)
+    traj_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = traj_path.with_name(f".tmp-{traj_path.name}")
+    pq.write_table(table, tmp, compression="zstd")
+    fsync_rename(tmp, traj_path)
+    reject_path = out / "rejects" / f"{name}.jsonl"
+    lines = [
+        json.dumps(
+            {"id": r["id"], "status": r["status"], "stage": r["stage"], "reason": r["error"], "prompt": r["prompt"],
+             "where": r["where"], "scores": {k: r[k] for k in ("clip_i1", "clip_i2", "clip_i1_i2")}},
+            ensure_ascii=False, sort_keys=True,
+        )
+        for r in rejected
+    ]  # fmt: skip
+    write_atomic(reject_path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
+    marker = {
+        "unit": unit,
+        "generation_hash": gen_hash,
+        "ids": [r["id"] for r in rows],
+        "counts": dict(Counter(r["status"] for r in rows)),
+        "rejected_at": dict(Counter(f"{r['stage']}:{r['status']}" for r in rejected)),
+        "files": {
+            p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in (traj_path, reject_path)
+        },
+    }
+    write_atomic(out / STATE_DIR / "units" / f"{name}.json", json.dumps(marker, indent=1, sort_keys=True).encode())
+    return marker
+
+
+def read_marker(out: Path, unit: int, gen_hash: str, ids: list[str]) -> dict[str, Any] | None:
+    """A unit's marker if it is valid: same generation hash and ids, every listed file present with its sha256."""
+    path = out / STATE_DIR / "units" / f"{unit_name(unit)}.json"
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    if marker.get("generation_hash") != gen_hash or marker.get("ids") != ids:
+        return None
+    for rel, meta in marker.get("files", {}).items():
+        p = out / rel
+        if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+            return None
+    return marker
+
+
+def read_trajectories(out: Path, units: Iterable[int]) -> Iterator[Trajectory]:
+    for unit in units:
+        table = pq.read_table(out / "trajectories" / f"{unit_name(unit)}.parquet")
+        for row in table.to_pylist():
+            yield Trajectory.from_row(row)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The build
+
+
+@dataclass
+class BuildResult:
+    out: Path
+    prompts: PromptReport
+    stage_counts: dict[str, dict[str, int]]
+    mode_counts: dict[str, int]
+    trajectories: int
+    units_run: int
+    units_skipped: int
+    wall_seconds: float
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+
+def check_out_dir(out: Path, cfg: BuildConfig, force: bool) -> None:
+    """Refuse an OUT that holds a different build (other generation hash) unless forced."""
+    state = out / STATE_DIR / BUILD_STATE
+    if state.is_file():
+        try:
+            previous = json.loads(state.read_text()).get("generation_hash")
+        except json.JSONDecodeError:
+            previous = None
+        if previous != cfg.generation_hash() and not force:
+            raise BuildError(
+                f"{out}: holds a build with a different generation config (hash {previous} != "
+                f"{cfg.generation_hash()}); use a new --out directory or --force to rebuild it"
+            )
+    elif out.exists() and any(out.iterdir()) and not force:
+        if (out / "manifest.json").exists() or (out / "data").exists():
+            raise BuildError(f"{out}: holds a dataset that irgl build did not start; use a new --out or --force")
+
+
+def stage_counts(rows: Iterable[dict[str, Any]], order: list[str]) -> dict[str, dict[str, int]]:
+    """Per stage: rows in, ok, filtered, failed. in = ok + filtered + failed at every stage."""
+    rejected: dict[str, Counter] = defaultdict(Counter)
+    total = 0
+    for r in rows:
+        total += 1
+        if r["status"] != OK:
+            rejected[r["stage"]][r["status"]] += 1
+    counts = {}
+    entering = total
+    for name in order:
+        filtered, failed = rejected[name][FILTERED], rejected[name][FAILED]
+        counts[name] = {"in": entering, "ok": entering - filtered - failed, "filtered": filtered, "failed": failed}
+        entering -= filtered + failed
+    return counts
+
+
+def build(
+    cfg: BuildConfig,
+    out: Path,
+    *,
+    prompts_path: str | None = None,
+    limit: int | None = None,
+    executor: str = "ray",
+    address: str | None = None,
+    force: bool = False,
+    fault_rates: dict[str, float] | None = None,
+    progress: Any = None,
+) -> BuildResult:
+    """Run the whole build. `executor` is "ray" (the product) or "local" (plain loop, same stage objects)."""
+    started = time.perf_counter()
+    out = Path(out)
+    prompts, report = load_prompts(cfg.prompts, prompts_path, limit)
+    check_out_dir(out, cfg, force)
+    gen_hash = cfg.generation_hash()
+    out.mkdir(parents=True, exist_ok=True)
+    write_atomic(
+        out / STATE_DIR / BUILD_STATE,
+        json.dumps(
+            {"generation_hash": gen_hash, "config": cfg.model_dump(mode="json")}, indent=1, sort_keys=True
+        ).encode(),
+    )
+    write_atomic(out / STATE_DIR / "prompts.json", json.dumps({**report.as_dict(), "problems": report.problems[:1000]},
+                                                               indent=1, ensure_ascii=False).encode())  # fmt: skip
+    rows = make_rows(cfg, prompts)
+    by_unit: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        by_unit[r["unit"]].append(r)
+    markers: dict[int, dict[str, Any]] = {}
+    todo: list[dict[str, Any]] = []
+    for unit, unit_rows in sorted(by_unit.items()):
+        marker = read_marker(out, unit, gen_hash, [r["id"] for r in unit_rows])
+        if marker is not None:
+            markers[unit] = marker
+        else:
+            todo.extend(unit_rows)
+    skipped = len(markers)
+    log.info("%d prompts in %d units; %d units already done", len(rows), len(by_unit), skipped)
+
+    specs = stage_graph(cfg, fault_rates)
+    finished_rows: list[dict[str, Any]] = []  # light copies (no images) for the summary
+    if todo and executor == "ray":
+        init_ray(cfg, address)
+    if todo:
+        stream = run_ray(cfg, specs, todo) if executor == "ray" else run_sequential(specs, todo)
+        pending: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+        for row in stream:
+            unit = row["unit"]
+            pending[unit][row["id"]] = row
+            if len(pending[unit]) == len(by_unit[unit]):
+                ordered = [pending[unit][r["id"]] for r in by_unit[unit]]  # source order: deterministic files
+                markers[unit] = write_unit(out, unit, ordered, gen_hash)
+                finished_rows.extend({k: r[k] for k in ("status", "stage", "timings")} for r in ordered)
+                del pending[unit]
+                if progress:
+                    progress(unit, markers[unit])
+        if pending:
+            raise BuildError(f"the stage stream ended with {len(pending)} unfinished units: rows were lost")
+
+    # Summary over every unit (earlier runs included), from the markers.
+    all_rows: list[dict[str, Any]] = []
+    for unit in sorted(markers):
+        for key, n in markers[unit]["rejected_at"].items():
+            stage, status = key.split(":")
+            all_rows += [{"status": status, "stage": stage}] * n
+        all_rows += [{"status": OK, "stage": None}] * markers[unit]["counts"].get(OK, 0)
+    order = [s.name for s in specs]
+    counts = stage_counts(all_rows, order)
+    stage_seconds: Counter = Counter()
+    for r in finished_rows:
+        for stage, sec in json.loads(r["timings"] or "{}").items():
+            stage_seconds[stage] += sec
+
+    result = write_dataset(
+        out,
+        read_trajectories(out, sorted(markers)),
+        cfg.shards,
+        build_config={"generation_hash": gen_hash, "shards": cfg.shards.model_dump()},
+        card_info={
+            "title": cfg.name,
+            "license": cfg.license,
+            "strategy": cfg.strategy,
+            "models": _model_names(cfg),
+        },
+        extra={"prompts": report.as_dict(), "stages": counts, "units": len(markers)},
+    )
+    return BuildResult(
+        out=out,
+        prompts=report,
+        stage_counts=counts,
+        mode_counts=result.counts,
+        trajectories=result.trajectories,
+        units_run=len(markers) - skipped,
+        units_skipped=skipped,
+        wall_seconds=time.perf_counter() - started,
+        stage_seconds=dict(stage_seconds),
+    )
+
+
+def _model_names(cfg: BuildConfig) -> dict[str, str]:
+    """Model names for the card: Hub ids as given; local paths reduced to their last component."""
+    names = {
+        "think": cfg.think.model.model,
+        "draw_initial": cfg.draw_initial.model.model,
+        "reflect": cfg.reflect.model.model,
+        "draw_refined": cfg.draw_refined.model.model,
+        "score": f"{cfg.score.model.model}/{cfg.score.model.pretrained}",
+    }
+    return {k: (Path(v).name if v.startswith("/") else v) for k, v in names.items()}

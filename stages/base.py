@@ -1,0 +1,115 @@
+"""The stage contract: construct with config, `setup()` loads models once, `__call__(batch) -> batch`.
+
+A batch is columnar (`dict[str, list]`, columns of `schemas.work.WORK_SCHEMA`). A stage only touches rows whose
+status is `ok`; a row that breaks gets `status`/`stage`/`error` instead of raising, so one bad record never takes
+down a batch. If the engine call for a whole batch raises, the rows are retried one by one so that the failure is
+pinned on the record that causes it. The same object runs in a plain loop and inside a Ray Data actor.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from schemas.work import FAILED, FILTERED, OK, Batch, json_update
+
+
+class StageError(Exception):
+    """Raised inside `process` for one row; becomes status `failed` (or `filtered`) with the message."""
+
+    def __init__(self, message: str, status: str = FAILED) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class Stage:
+    """Base class of every generation stage."""
+
+    name: str = "stage"
+
+    def __init__(self, fault_rate: float = 0.0) -> None:
+        # fault_rate > 0 makes `process` fail that share of rows on purpose (tests of failure isolation).
+        self.fault_rate = fault_rate
+
+    def setup(self) -> None:
+        """Load models. Called once per process/actor before the first batch."""
+
+    @property
+    def model_name(self) -> str | None:
+        return None
+
+    def process(self, batch: Batch, rows: list[int]) -> list[Any]:
+        """Compute this stage's output for `rows` (indices of ok rows). Return one result per row: a value to
+        store with `store`, or a StageError for that row."""
+        raise NotImplementedError
+
+    def store(self, batch: Batch, i: int, result: Any) -> None:
+        """Write one row's result into the batch."""
+        raise NotImplementedError
+
+    def __call__(self, batch: Batch) -> Batch:
+        n = len(batch["id"])
+        rows = [i for i in range(n) if batch["status"][i] == OK]
+        if not rows:
+            return batch
+        start = time.perf_counter()
+        results = self._process_isolated(batch, rows)
+        per_row = (time.perf_counter() - start) / len(rows)
+        for i, result in zip(rows, results, strict=True):
+            if self.fault_rate and _fault(batch["id"][i], self.name, self.fault_rate):
+                result = StageError(f"injected fault (fault_rate={self.fault_rate})")
+            if isinstance(result, StageError):
+                mark(batch, i, self.name, result.status, str(result))
+            else:
+                try:
+                    self.store(batch, i, result)
+                except StageError as exc:
+                    mark(batch, i, self.name, exc.status, str(exc))
+            batch["timings"][i] = json_update(batch["timings"][i], self.name, round(per_row, 6))
+            if self.model_name:
+                batch["models"][i] = json_update(batch["models"][i], self.name, self.model_name)
+        return batch
+
+    def _process_isolated(self, batch: Batch, rows: list[int]) -> list[Any]:
+        try:
+            results = self.process(batch, rows)
+        except Exception as exc:
+            if len(rows) == 1:
+                return [StageError(f"{type(exc).__name__}: {exc}")]
+            # Find the culprit: one call per row, each with its own error.
+            return [self._process_isolated(batch, [i])[0] for i in rows]
+        if len(results) != len(rows):
+            raise RuntimeError(f"stage {self.name} returned {len(results)} results for {len(rows)} rows")
+        return results
+
+
+def mark(batch: Batch, i: int, stage: str, status: str, reason: str) -> None:
+    """Set a row's outcome (filtered/failed) with the stage and reason."""
+    assert status in (FILTERED, FAILED)
+    batch["status"][i] = status
+    batch["stage"][i] = stage
+    batch["error"][i] = reason[:2000]
+
+
+def _fault(row_id: str, stage: str, rate: float) -> bool:
+    """Deterministic per (row, stage): the same rows fail on every run with the same rate."""
+    return random.Random(f"{row_id}:{stage}").random() < rate
+
+
+def encode_image(image: Any, fmt: str, quality: int) -> bytes:
+    """Encode a PIL image as PNG (lossless) or JPEG (quality >= 90), RGB."""
+    import io
+
+    buf = io.BytesIO()
+    rgb = image.convert("RGB")
+    if fmt == "png":
+        rgb.save(buf, format="PNG")
+    else:
+        rgb.save(buf, format="JPEG", quality=quality)
+    return buf.getvalue()
+
+
+def column(batch: Batch, name: str, rows: Sequence[int]) -> list[Any]:
+    return [batch[name][i] for i in rows]

@@ -1,0 +1,63 @@
+"""Scores and verdict: CLIP prompt-image similarity of I1 and I2, image-image similarity of I1/I2, and the rule
+that keeps a trajectory only when I2 is good and really improves on I1 (thresholds in `ScoreConfig`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+from schemas.config import ScoreConfig
+from schemas.work import FILTERED, Batch
+from stages.base import Stage, StageError
+
+
+def verdict(clip_i1: float, clip_i2: float, clip_i1_i2: float, cfg: ScoreConfig) -> tuple[bool, str]:
+    """(accepted, reason). The reason always says which rule decided, with the numbers."""
+    if not all(math.isfinite(x) for x in (clip_i1, clip_i2, clip_i1_i2)):
+        return False, "non-finite score"
+    if clip_i2 < cfg.min_clip_i2:
+        return False, f"clip(I2)={clip_i2:.4f} < min_clip_i2={cfg.min_clip_i2}"
+    gain = clip_i2 - clip_i1
+    if gain < cfg.min_improvement:
+        return False, f"clip(I2)-clip(I1)={gain:.4f} < min_improvement={cfg.min_improvement}"
+    if clip_i1_i2 > cfg.max_i1_i2_similarity:
+        return False, f"sim(I1,I2)={clip_i1_i2:.4f} > max_i1_i2_similarity={cfg.max_i1_i2_similarity}"
+    return True, f"clip(I2)={clip_i2:.4f}, gain={gain:+.4f}, sim(I1,I2)={clip_i1_i2:.4f}"
+
+
+class ScoreStage(Stage):
+    name = "score"
+
+    def __init__(self, model: ScoreConfig, fault_rate: float = 0.0) -> None:
+        super().__init__(fault_rate)
+        self.cfg = model
+        self.scorer: Any = None
+
+    def setup(self) -> None:
+        from stages.engines.clip import ClipScorer
+
+        self.scorer = ClipScorer(self.cfg)
+        self.scorer.setup()
+
+    @property
+    def model_name(self) -> str | None:
+        return self.scorer.model_name if self.scorer is not None else None
+
+    def process(self, batch: Batch, rows: list[int]) -> list[Any]:
+        prompts = [batch["prompt"][i] for i in rows]
+        i1 = [batch["i1"][i] for i in rows]
+        i2 = [batch["i2"][i] for i in rows]
+        s1 = self.scorer.text_image(prompts, i1)
+        s2 = self.scorer.text_image(prompts, i2)
+        s12 = self.scorer.image_image(i1, i2)
+        return list(zip(s1, s2, s12, strict=True))
+
+    def store(self, batch: Batch, i: int, result: Any) -> None:
+        c1, c2, c12 = (float(x) for x in result)
+        batch["clip_i1"][i], batch["clip_i2"][i], batch["clip_i1_i2"][i] = c1, c2, c12
+        accepted, reason = verdict(c1, c2, c12, self.cfg)
+        batch["verdict"][i] = "accept" if accepted else "reject"
+        batch["verdict_reason"][i] = reason
+        if not accepted:
+            raise StageError(f"verifier: {reason}", status=FILTERED)
