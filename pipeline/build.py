@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
@@ -35,7 +36,7 @@ from schemas.work import FAILED, FILTERED, OK, WORK_COLUMNS, WORK_SCHEMA, Batch,
 from stages.assemble import AssembleStage, row_to_trajectory
 from stages.base import Stage
 from stages.draw import DrawStage
-from stages.prompts import Prompt, PromptReport, load_prompts
+from stages.prompts import Prompt, PromptReport, load_sources
 from stages.reflect import ReflectStage
 from stages.score import ScoreStage
 from stages.think import ThinkStage
@@ -142,13 +143,22 @@ def batch_to_rows(batch: Batch) -> list[dict[str, Any]]:
 # Executors: a plain loop (tests, benchmark baseline) and Ray Data (the product)
 
 
-def run_sequential(specs: list[StageSpec], rows: list[dict[str, Any]], batch_size: int = 8) -> Iterator[dict[str, Any]]:
-    """All stages in this process, one after the other, batch by batch. Yields finished rows in input order."""
-    stages = [spec.make() for spec in specs]
-    for stage in stages:
-        stage.setup()
-    for start in range(0, len(rows), batch_size):
-        batch = rows_to_batch(rows[start : start + batch_size])
+def run_sequential(
+    specs: list[StageSpec], rows: list[dict[str, Any]], stages: list[Stage] | None = None
+) -> Iterator[dict[str, Any]]:
+    """All stages in this process, one after the other, one work unit per batch. Yields rows in input order.
+
+    `stages` may pass already set-up stage objects (e.g. sharing engines); by default they are built from specs.
+    """
+    if stages is None:
+        stages = [spec.make() for spec in specs]
+        for stage in stages:
+            stage.setup()
+    units: dict[int, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        units[r["unit"]].append(r)
+    for unit in sorted(units):
+        batch = rows_to_batch(units[unit])
         for stage in stages:
             n = len(batch["id"])
             batch = stage(batch)
@@ -175,19 +185,17 @@ class _StageActor:
 #: Environment variables handed to Ray workers when set on the driver (offline mode, vLLM CPU settings).
 _WORKER_ENV = (
     "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLLM_CPU_KVCACHE_SPACE",
-    "VLLM_CPU_OMP_THREADS_BIND", "IRGL_TINY_DIR", "TOKENIZERS_PARALLELISM",
+    "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", "IRGL_TINY_DIR", "TOKENIZERS_PARALLELISM",
 )  # fmt: skip
 
 
 def init_ray(cfg: BuildConfig, address: str | None = None) -> None:
     """Connect to a cluster (`--address` / `ray.address`) or start local Ray; reuse a running session."""
-    import os
-
     import ray
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
+    env = {**cfg.ray.env_vars, **{k: os.environ[k] for k in _WORKER_ENV if k in os.environ}}
     ray.init(
         address=address or cfg.ray.address,
         num_cpus=None if (address or cfg.ray.address) else cfg.ray.num_cpus,
@@ -365,11 +373,16 @@ def build(
     force: bool = False,
     fault_rates: dict[str, float] | None = None,
     progress: Any = None,
+    stages: list[Stage] | None = None,
 ) -> BuildResult:
-    """Run the whole build. `executor` is "ray" (the product) or "local" (plain loop, same stage objects)."""
+    """Run the whole build. `executor` is "ray" (the product) or "local" (plain loop, same stage objects).
+
+    `stages` (local executor only) passes set-up stage objects in graph order, e.g. to reuse loaded engines
+    across builds in one process.
+    """
     started = time.perf_counter()
     out = Path(out)
-    prompts, report = load_prompts(cfg.prompts, prompts_path, limit)
+    prompts, report = load_sources(cfg.prompts, prompts_path, limit)
     check_out_dir(out, cfg, force)
     gen_hash = cfg.generation_hash()
     out.mkdir(parents=True, exist_ok=True)
@@ -397,11 +410,17 @@ def build(
     log.info("%d prompts in %d units; %d units already done", len(rows), len(by_unit), skipped)
 
     specs = stage_graph(cfg, fault_rates)
+    if stages is not None and (executor != "local" or [s.name for s in stages] != [s.name for s in specs]):
+        raise BuildError("stages= needs executor='local' and one stage object per graph step, in order")
+    if todo and stages is None:
+        prebuild_tiny_models(cfg)
     finished_rows: list[dict[str, Any]] = []  # light copies (no images) for the summary
+    for key, value in cfg.ray.env_vars.items():  # the local executor runs the stages in this process
+        os.environ.setdefault(key, value)
     if todo and executor == "ray":
         init_ray(cfg, address)
     if todo:
-        stream = run_ray(cfg, specs, todo) if executor == "ray" else run_sequential(specs, todo)
+        stream = run_ray(cfg, specs, todo) if executor == "ray" else run_sequential(specs, todo, stages)
         pending: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
         for row in stream:
             unit = row["unit"]
@@ -454,6 +473,16 @@ def build(
         wall_seconds=time.perf_counter() - started,
         stage_seconds=dict(stage_seconds),
     )
+
+
+def prebuild_tiny_models(cfg: BuildConfig) -> None:
+    """Build the `tiny:` models a config names once, on the driver, before actors start loading them."""
+    from stages.tiny import PREFIX, tiny_path
+
+    names = {cfg.think.model.model, cfg.reflect.model.model, cfg.draw_initial.model.model, cfg.draw_refined.model.model,
+             cfg.score.model.model}  # fmt: skip
+    for name in sorted(n for n in names if n.startswith(PREFIX)):
+        tiny_path(name)
 
 
 def _model_names(cfg: BuildConfig) -> dict[str, str]:

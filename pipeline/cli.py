@@ -10,7 +10,7 @@ import typer
 
 app = typer.Typer(
     name="irgl",
-    help="Build, check, publish and train on IRGL (Interleaving Reasoning Generation) datasets.",
+    help="Build and check IRGL (Interleaving Reasoning Generation) datasets.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -52,6 +52,104 @@ def synth(
     for mode, count in result.counts.items():
         typer.echo(f"{mode:45s} {count:6d}")
     typer.echo(f"wrote {result.trajectories} trajectories to {out}")
+
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _fail(message: str) -> None:
+    """One-line error on stderr, exit code 2: used for bad input found before any model loads."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+@app.command()
+def build(
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Build config YAML (default: the tiny preset)."),
+    out: Path = typer.Option(Path("out/build"), "--out", "-o", help="Output directory."),
+    prompts: str | None = typer.Option(None, "--prompts", help="Prompt file (overrides prompts.path)."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Use at most this many prompts."),
+    address: str | None = typer.Option(None, "--address", help="Ray cluster address, e.g. 'auto'."),
+    executor: str = typer.Option("ray", "--executor", help="'ray' (Ray Data) or 'local' (plain loop, debugging)."),
+    force: bool = typer.Option(False, "--force", help="Rebuild an OUT that holds a build with another config."),
+) -> None:
+    """Generate trajectories (think, draw, reflect, redraw, score) and write the six-mode dataset to OUT."""
+    import logging
+
+    from pipeline.build import BuildError
+    from pipeline.build import build as run_build
+    from schemas.config import ConfigError, load_build_config
+    from stages.prompts import PromptSourceError
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    if executor not in ("ray", "local"):
+        _fail(f"--executor must be 'ray' or 'local', got {executor!r}")
+    try:
+        cfg = load_build_config(str(config))
+    except ConfigError as exc:
+        _fail(str(exc))
+
+    def progress(unit: int, marker: dict) -> None:
+        counts = marker["counts"]
+        typer.echo(f"unit {unit:5d} done: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
+
+    try:
+        result = run_build(
+            cfg, out, prompts_path=prompts, limit=limit, executor=executor, address=address, force=force,
+            progress=progress,
+        )  # fmt: skip
+    except (BuildError, PromptSourceError) as exc:
+        _fail(str(exc))
+    _print_summary(result)
+    typer.echo(f"dataset written to {out} (verify with: irgl verify {out})")
+
+
+def _print_summary(result) -> None:  # noqa: ANN001 (BuildResult, imported lazily)
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    p = result.prompts
+    table = Table(title="stages")
+    for col in ("stage", "in", "ok", "filtered", "failed", "seconds"):
+        table.add_column(col, justify="left" if col == "stage" else "right")
+    dropped = sum(p.dropped.values())
+    table.add_row("prompts", str(p.read), str(p.kept), str(dropped), "0", "")
+    for name, c in result.stage_counts.items():
+        sec = result.stage_seconds.get(name)
+        table.add_row(name, *(str(c[k]) for k in ("in", "ok", "filtered", "failed")), f"{sec:.1f}" if sec else "")
+    console.print(table)
+    if p.dropped:
+        console.print("prompts dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(p.dropped.items())))
+        for line in p.problems[:10]:
+            console.print(f"  {line}")
+    modes = Table(title="records per mode")
+    modes.add_column("mode")
+    modes.add_column("records", justify="right")
+    for mode, n in result.mode_counts.items():
+        modes.add_row(mode, str(n))
+    console.print(modes)
+    console.print(
+        f"trajectories: {result.trajectories}; units run: {result.units_run}, skipped (already done): "
+        f"{result.units_skipped}; wall time {result.wall_seconds:.1f} s"
+    )
+
+
+models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
+app.add_typer(models_app, name="models")
+
+
+@models_app.command("tiny")
+def models_tiny(
+    directory: Path | None = typer.Option(
+        None, "--dir", help="Where to build (default: $IRGL_TINY_DIR or ~/.cache/irgl/tiny)."
+    ),
+) -> None:
+    """Build the deterministic tiny models (Qwen2 LLM, Qwen2-VL VLM, SD-style pipeline, open_clip) offline."""
+    from stages.tiny import build_all
+
+    for name, path in build_all(directory).items():
+        typer.echo(f"{name:12s} {path}")
 
 
 def main() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class StrictModel(BaseModel):
@@ -129,6 +129,10 @@ class RayConfig(StrictModel):
     address: str | None = Field(None, description="Ray cluster address ('auto' on a cluster); None starts local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all of this machine).")
     preserve_order: bool = Field(True, description="Keep input order through the stages (deterministic output).")
+    env_vars: dict[str, str] = Field(
+        default_factory=dict,
+        description="Environment for the stage workers (e.g. VLLM_CPU_KVCACHE_SPACE); the driver's value wins.",
+    )
 
 
 class BuildConfig(StrictModel):
@@ -140,7 +144,10 @@ class BuildConfig(StrictModel):
     )
     seed: int = Field(0, description="Global seed; every per-trajectory seed derives from it and the trajectory id.")
     license: str = Field("other", description="License field of the dataset card.")
-    prompts: PromptSourceConfig = Field(PromptSourceConfig(), description="The prompt source.")
+    prompts: list[PromptSourceConfig] = Field(
+        default_factory=lambda: [PromptSourceConfig()],
+        description="Prompt sources, read in order and deduplicated across sources (a single mapping is allowed).",
+    )
     think: TextStageConfig = Field(..., description="T1: the initial thinking (LLM in forward, VLM in hindsight).")
     draw_initial: ImageStageConfig = Field(..., description="I1: the initial (hindsight: weak) image generator.")
     reflect: TextStageConfig = Field(..., description="T2: the reflection, written by a VLM looking at I1 (and I2).")
@@ -150,6 +157,11 @@ class BuildConfig(StrictModel):
     shards: ShardConfig = Field(ShardConfig(), description="How the mode shards are written.")
     unit_size: int = Field(64, ge=1, description="Prompts per resumable work unit (a few GPU-minutes each).")
     ray: RayConfig = Field(RayConfig(), description="Where and how Ray runs.")
+
+    @field_validator("prompts", mode="before")
+    @classmethod
+    def _one_or_many(cls, value: object) -> object:
+        return [value] if isinstance(value, dict) else value
 
     def generation_hash(self) -> str:
         """Hash of everything that changes generated content (not resources, shard layout or Ray settings)."""

@@ -21,6 +21,7 @@ class DrawStage(Stage):
         strategy: str = "forward",
         encoding: ImageEncodingConfig = ImageEncodingConfig(),
         fault_rate: float = 0.0,
+        engine: Any = None,
     ) -> None:
         super().__init__(fault_rate)
         if role not in ("initial", "refined"):
@@ -31,17 +32,20 @@ class DrawStage(Stage):
         self.encoding = encoding
         self.name = f"draw_{role}"
         self.column = "i1" if role == "initial" else "i2"
-        self.engine: Any = None
+        self.engine: Any = engine  # an already set-up engine may be shared (tests, one process)
 
     def setup(self) -> None:
+        if self.engine is not None:
+            return
         from stages.engines.image import DiffusersImageEngine
+        from stages.tiny import resolve_image
 
-        self.engine = DiffusersImageEngine(self.cfg)
+        self.engine = DiffusersImageEngine(resolve_image(self.cfg))
         self.engine.setup()
 
     @property
     def model_name(self) -> str | None:
-        return self.engine.model_name if self.engine is not None else None
+        return self.cfg.model  # the configured name (Hub id or tiny:...), not a local path
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         forward_refine = self.role == "refined" and self.strategy == "forward"

@@ -185,11 +185,33 @@ def _raw_hf(cfg: PromptSourceConfig, report: PromptReport) -> Iterator[tuple[str
         yield value, f"{cfg.path}[{i}]"
 
 
-def load_prompts(
-    cfg: PromptSourceConfig, path: str | None = None, limit: int | None = None
+def load_sources(
+    sources: list[PromptSourceConfig], path: str | None = None, limit: int | None = None
 ) -> tuple[list[Prompt], PromptReport]:
-    """Read, normalise, filter and deduplicate the prompts of a source (in source order)."""
+    """Read several sources in order into one deduplicated list. `path` (the --prompts option) replaces them all
+    with one file of the kind its extension says."""
+    if path is not None:
+        sources = [PromptSourceConfig(kind="auto", path=path, field=sources[0].field if sources else "prompt")]
     report = PromptReport()
+    seen: set[str] = set()
+    prompts: list[Prompt] = []
+    for cfg in sources:
+        load_prompts(cfg, None, limit, report=report, seen=seen, into=prompts)
+    return prompts, report
+
+
+def load_prompts(
+    cfg: PromptSourceConfig,
+    path: str | None = None,
+    limit: int | None = None,
+    *,
+    report: PromptReport | None = None,
+    seen: set[str] | None = None,
+    into: list[Prompt] | None = None,
+) -> tuple[list[Prompt], PromptReport]:
+    """Read, normalise, filter and deduplicate the prompts of a source (in source order). `report`, `seen` and
+    `into` let several sources share one report and one dedup set."""
+    report = report if report is not None else PromptReport()
     path = path or cfg.path
     kind = cfg.kind
     if kind == "generator" and path is None:
@@ -224,13 +246,13 @@ def load_prompts(
         report_read = False
         source = f"{kind}:{p.name}"
 
-    seen: set[str] = set()
-    prompts: list[Prompt] = []
+    seen = seen if seen is not None else set()
+    prompts = into if into is not None else []
     for text, where in raw:
         if report_read:
             report.read += 1
         if limit is not None and len(prompts) >= limit:
-            report.drop("over_limit", where, "beyond --limit")
+            report.dropped["over_limit"] += 1  # counted, not listed: not a problem of the line
             continue
         norm = normalize(text)
         if not norm:

@@ -29,20 +29,23 @@ def verdict(clip_i1: float, clip_i2: float, clip_i1_i2: float, cfg: ScoreConfig)
 class ScoreStage(Stage):
     name = "score"
 
-    def __init__(self, model: ScoreConfig, fault_rate: float = 0.0) -> None:
+    def __init__(self, model: ScoreConfig, fault_rate: float = 0.0, engine: Any = None) -> None:
         super().__init__(fault_rate)
         self.cfg = model
-        self.scorer: Any = None
+        self.scorer: Any = engine  # an already set-up engine may be shared (tests, one process)
 
     def setup(self) -> None:
+        if self.scorer is not None:
+            return
         from stages.engines.clip import ClipScorer
+        from stages.tiny import resolve_score
 
-        self.scorer = ClipScorer(self.cfg)
+        self.scorer = ClipScorer(resolve_score(self.cfg))
         self.scorer.setup()
 
     @property
     def model_name(self) -> str | None:
-        return self.scorer.model_name if self.scorer is not None else None
+        return self.cfg.model  # the configured name (Hub id or tiny:...), not a local path
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         prompts = [batch["prompt"][i] for i in rows]

@@ -35,21 +35,26 @@ def think_instruction_hindsight(prompt: str) -> str:
 class ThinkStage(Stage):
     name = "think"
 
-    def __init__(self, model: TextModelConfig, strategy: str = "forward", fault_rate: float = 0.0) -> None:
+    def __init__(
+        self, model: TextModelConfig, strategy: str = "forward", fault_rate: float = 0.0, engine: Any = None
+    ) -> None:
         super().__init__(fault_rate)
         self.cfg = model
         self.strategy = strategy
-        self.engine: Any = None
+        self.engine: Any = engine  # an already set-up engine may be shared (tests, one process)
 
     def setup(self) -> None:
+        if self.engine is not None:
+            return
         from stages.engines.text import make_text_engine
+        from stages.tiny import resolve_text
 
-        self.engine = make_text_engine(self.cfg)
+        self.engine = make_text_engine(resolve_text(self.cfg))
         self.engine.setup()
 
     @property
     def model_name(self) -> str | None:
-        return self.engine.model_name if self.engine is not None else None
+        return self.cfg.model  # the configured name (Hub id or tiny:...), not a local path
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         from stages.engines.text import TextRequest

@@ -1,0 +1,205 @@
+"""The build end to end: stages in a plain loop, then `build` on local Ray for both strategies, with prompts
+from every source kind, and `verify` on the result. Real tiny models throughout (vLLM CPU, diffusers, open_clip).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from pipeline.build import build, make_rows, rows_to_batch
+from pipeline.verify import verify
+from schemas import MODES, parse_reflection, strip_think
+from schemas.config import BuildConfig, PromptSourceConfig, load_build_config
+from schemas.trajectory import trajectory_id
+from schemas.work import OK
+from stages.assemble import AssembleStage
+from stages.draw import DrawStage
+from stages.prompts import load_sources
+from stages.reflect import ReflectStage
+from stages.score import ScoreStage
+from stages.think import ThinkStage
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.yaml"
+
+
+def tiny_config(**overrides) -> BuildConfig:
+    data = yaml.safe_load(TINY.read_text())
+    data.update(overrides)
+    return BuildConfig.model_validate(data)
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    import io
+
+    from PIL import Image
+
+    with Image.open(io.BytesIO(data)) as img:
+        assert img.format == "PNG" and img.mode == "RGB"
+        return img.size
+
+
+@pytest.mark.parametrize("strategy", ["forward", "hindsight"])
+def test_stages_in_a_plain_loop(strategy, vlm_engine, image_engine, clip_scorer, tiny_vlm_config) -> None:
+    cfg = tiny_config(strategy=strategy)
+    prompts, _ = load_sources([PromptSourceConfig(kind="generator", generator_count=3, generator_seed=5)])
+    rows = make_rows(cfg, prompts)
+    text = tiny_vlm_config  # the session engine's own settings (bounds that fit its max_tokens)
+    stages = {
+        "think": ThinkStage(text, strategy, engine=vlm_engine),
+        "draw_initial": DrawStage(cfg.draw_initial.model, "initial", strategy, engine=image_engine),
+        "reflect": ReflectStage(text, strategy, engine=vlm_engine),
+        "draw_refined": DrawStage(cfg.draw_refined.model, "refined", strategy, engine=image_engine),
+        "score": ScoreStage(cfg.score.model, engine=clip_scorer),
+        "assemble": AssembleStage(),
+    }
+    order = ["think", "draw_initial", "reflect", "draw_refined"]
+    if strategy == "hindsight":
+        order = ["draw_initial", "draw_refined", "think", "reflect"]
+    batch = rows_to_batch(rows)
+    for name in [*order, "score", "assemble"]:
+        batch = stages[name](batch)
+        assert len(batch["id"]) == 3, name
+    assert batch["status"] == [OK] * 3, batch["error"]
+    assert batch["id"] == [trajectory_id(p.text, p.source, cfg.seed, cfg.generation_hash()) for p in prompts]
+    for i in range(3):
+        assert strip_think(batch["t1"][i])
+        reflection = parse_reflection(batch["t2"][i])
+        assert reflection.final_prompt == batch["final_prompt"][i]
+        assert _png_size(batch["i1"][i]) == (64, 64) and _png_size(batch["i2"][i]) == (64, 64)
+        for key in ("clip_i1", "clip_i2", "clip_i1_i2"):
+            assert math.isfinite(batch[key][i]) and -1.0 <= batch[key][i] <= 1.0
+        assert batch["verdict"][i] == "accept"
+        assert set(json.loads(batch["timings"][i])) == {*order, "score", "assemble"}
+        assert json.loads(batch["models"][i])["think"] == tiny_vlm_config.model
+
+
+def _write_sources(d: Path) -> list[dict]:
+    """One or two prompts from every source kind, with an empty line and duplicates in the txt file."""
+    (d / "p.txt").write_text("a red apple\n\n   \na red apple\na blue chair\n", encoding="utf-8")
+    (d / "p.jsonl").write_text(json.dumps({"prompt": "a green kite"}) + "\n{broken\n", encoding="utf-8")
+    (d / "p.json").write_text(json.dumps([{"prompt": "a black cat"}, "a blue chair"]), encoding="utf-8")
+    pq.write_table(pa.table({"caption": ["a white vase"]}), d / "p.parquet")
+    (d / "hf").mkdir()
+    pq.write_table(pa.table({"text": ["a purple book"]}), d / "hf" / "train.parquet")
+    return [
+        {"kind": "txt", "path": str(d / "p.txt")},
+        {"kind": "jsonl", "path": str(d / "p.jsonl")},
+        {"kind": "json", "path": str(d / "p.json")},
+        {"kind": "parquet", "path": str(d / "p.parquet"), "field": "caption"},
+        {"kind": "hf", "path": str(d / "hf"), "field": "text"},
+        {"kind": "generator", "generator_count": 1, "generator_seed": 9},
+    ]
+
+
+def _check_build(out: Path, result, n_ok: int, strategy: str) -> None:
+    assert verify(out) == []
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["counts"] == {m.name: n_ok for m in MODES}
+    stages = manifest["build"]["stages"]
+    first = next(iter(stages.values()))
+    assert first["in"] == result.prompts.kept
+    for c in stages.values():
+        assert c["in"] == c["ok"] + c["filtered"] + c["failed"]
+    trajectories = pq.read_table(out / "trajectories").to_pylist()
+    assert len(trajectories) == n_ok and {t["strategy"] for t in trajectories} == {strategy}
+    rows = pq.read_table(out / "data" / "improving_full_learning").to_pylist()
+    assert [r["trajectory_id"] for r in rows] == [t["id"] for t in trajectories]
+
+
+def test_build_forward_on_ray_from_every_source_kind(tmp_path: Path, ray_session) -> None:
+    sources = _write_sources(tmp_path)
+    cfg = tiny_config(prompts=sources)
+    out = tmp_path / "out"
+    result = build(cfg, out, executor="ray")
+    # txt: 2 kept (empty x2, duplicate), jsonl: 1 (+1 malformed), json: 1 (+1 duplicate across sources),
+    # parquet 1, hf 1, generator 1
+    assert result.prompts.kept == 7
+    assert result.prompts.dropped == {"empty": 2, "duplicate": 2, "malformed_json": 1}
+    assert any(p.startswith("p.jsonl:2: malformed JSON") for p in result.prompts.problems)
+    assert result.units_run == 1 and result.units_skipped == 0
+    _check_build(out, result, result.stage_counts["assemble"]["ok"], "forward")
+    assert result.stage_counts["assemble"]["ok"] == 7
+    prompts = [r["prompt"] for r in pq.read_table(out / "trajectories").to_pylist()]
+    assert prompts[:3] == ["a red apple", "a blue chair", "a green kite"]
+    sources_seen = {r["source"] for r in pq.read_table(out / "trajectories").to_pylist()}
+    assert sources_seen == {"txt:p.txt", "jsonl:p.jsonl", "json:p.json", "parquet:p.parquet",
+                            f"hf:{tmp_path / 'hf'}:train", "generator:9"}  # fmt: skip
+
+    # The same command again: every unit has a valid marker, nothing runs, the shards are byte-identical.
+    before = {p: p.read_bytes() for p in (out / "data").rglob("*.parquet")} | {
+        out / "manifest.json": (out / "manifest.json").read_bytes()
+    }
+    again = build(cfg, out, executor="ray")
+    assert again.units_run == 0 and again.units_skipped == 1
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_build_hindsight_on_ray(tmp_path: Path, ray_session) -> None:
+    cfg = tiny_config(strategy="hindsight", prompts={"kind": "generator", "generator_count": 4, "generator_seed": 2},
+                      unit_size=2)  # fmt: skip
+    out = tmp_path / "out"
+    result = build(cfg, out, executor="ray")
+    assert result.units_run == 2
+    assert list(result.stage_counts) == ["draw_initial", "draw_refined", "think", "reflect", "score", "assemble"]
+    _check_build(out, result, 4, "hindsight")
+    assert sorted(p.name for p in (out / "trajectories").iterdir()) == ["unit-00000.parquet", "unit-00001.parquet"]
+
+
+def session_stages(cfg: BuildConfig, text, vlm_engine, image_engine, clip_scorer) -> list:
+    """Stage objects in graph order (forward) on the session's engines: no engine start in this test."""
+    return [
+        ThinkStage(text, engine=vlm_engine),
+        DrawStage(cfg.draw_initial.model, "initial", engine=image_engine),
+        ReflectStage(text, engine=vlm_engine),
+        DrawStage(cfg.draw_refined.model, "refined", engine=image_engine),
+        ScoreStage(cfg.score.model, engine=clip_scorer),
+        AssembleStage(),
+    ]
+
+
+def test_verifier_filters_and_rejects_are_written(
+    tmp_path: Path, vlm_engine, image_engine, clip_scorer, tiny_vlm_config
+) -> None:
+    """A strict verifier filters every trajectory: no records, rejects name the stage and the rule."""
+    data = yaml.safe_load(TINY.read_text())
+    data["prompts"] = {"kind": "generator", "generator_count": 2}
+    data["score"]["model"]["min_clip_i2"] = 2.0
+    strict = BuildConfig.model_validate(data)
+    stages = session_stages(strict, tiny_vlm_config, vlm_engine, image_engine, clip_scorer)
+    out = tmp_path / "out"
+    result = build(strict, out, executor="local", stages=stages)
+    assert result.stage_counts["score"] == {"in": 2, "ok": 0, "filtered": 2, "failed": 0}
+    rejects = [json.loads(line) for line in (out / "rejects" / "unit-00000.jsonl").read_text().splitlines()]
+    assert [(r["status"], r["stage"]) for r in rejects] == [("filtered", "score")] * 2
+    assert all("min_clip_i2=2.0" in r["reason"] for r in rejects)
+    assert json.loads((out / "manifest.json").read_text())["counts"] == {m.name: 0 for m in MODES}
+
+
+def _irgl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, check=False)
+
+
+def test_cli_bad_inputs_fail_before_models_load(tmp_path: Path) -> None:
+    proc = _irgl("build", "--prompts", str(tmp_path / "missing.txt"), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and "missing.txt: prompt file not found" in proc.stderr
+    bad = tmp_path / "bad.yaml"
+    data = yaml.safe_load(TINY.read_text())
+    data["think"]["resources"]["replicas"] = "many"
+    data["draw_initial"]["model"]["stepz"] = 3
+    bad.write_text(yaml.safe_dump(data))
+    proc = _irgl("build", "--config", str(bad), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2
+    assert "field 'think.resources.replicas'" in proc.stderr and "field 'draw_initial.model.stepz'" in proc.stderr
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(Exception, match="config file not found"):
+        load_build_config(str(tmp_path / "nope.yaml"))
