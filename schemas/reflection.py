@@ -7,7 +7,6 @@ a bad model output becomes a reject with a reason instead of a silently broken r
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 
 THINK_OPEN = "<think>"
@@ -97,24 +96,71 @@ def parse_reflection(text: str) -> Reflection:
     return Reflection(opening=opening, improvements=parts[0], guidance=parts[1], final_prompt=parts[2])
 
 
+# Never in a thinking text: ASCII control characters other than tab and newline (they corrupt training text), and
+# UTF-16 surrogates, which are not characters at all; without them in the class, xgrammar lets a model emit them as
+# three bytes that are not valid UTF-8 and come back as U+FFFD, breaking the regex after decoding.
+_NEVER = r"\x00-\x08\x0b-\x1f\x7f\ud800-\udfff"
+# Whitespace that `str.strip` removes: a body must start with none of it, or a body of only whitespace would match
+# the regex and still be empty once `parse_reflection` strips it.
+_WHITESPACE = r" \t\n\r\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+# Reflection sections may hold neither `#` nor `<`, so that no heading or tag can be forged inside them; T1 only
+# excludes `<` (no `<think>` tag can be forged), markdown there is harmless.
+_SECTION_EXCLUDED = "#<" + _NEVER
+_THINK_EXCLUDED = "<" + _NEVER
+
+#: The characters that are regex syntax. Only these are escaped when a literal enters a regex: `re.escape` also
+#: escapes `#`, space and `-`, which xgrammar (vLLM's default structured-output backend) warns about.
+_REGEX_SYNTAX = frozenset("\\.^$|?*+()[]{}")
+
+
+def _literal(text: str) -> str:
+    """`text` as a regex that matches exactly it, escaping only true regex syntax (portable across backends)."""
+    return "".join("\\" + c if c in _REGEX_SYNTAX else c for c in text)
+
+
+def _body(max_chars: int, excluded: str) -> str:
+    """A body of 1 to `max_chars + 1` characters outside `excluded` whose first character is not whitespace."""
+    return rf"[^{_WHITESPACE}{excluded}][^{excluded}]{{0,{max_chars}}}"
+
+
 def reflection_regex(max_section_chars: int = 600) -> str:
     """A regular expression that only a well-formed reflection matches (for constrained decoding).
 
     Used by the generation stages with vLLM structured outputs so that the template holds by construction for
-    any model. Section bodies exclude `#` and `<` so that no heading or tag can be forged inside them.
+    any model. Section bodies exclude `#`, `<` and control characters and start with a non-space. The length of a match
+    is bounded by `reflection_regex_max_chars`: `max_tokens` must cover it or outputs get cut before `</think>`.
     """
-    body = rf"[^#<\n][^#<]{{0,{max_section_chars}}}"
+    body = _body(max_section_chars, _SECTION_EXCLUDED)
     return (
-        re.escape(THINK_OPEN)
+        _literal(THINK_OPEN)
         + r"\n"
         + body
         + r"\n"
-        + r"\n".join(re.escape(h) + r"\n" + body for h in HEADINGS)
+        + r"\n".join(_literal(h) + r"\n" + body for h in HEADINGS)
         + r"\n"
-        + re.escape(THINK_CLOSE)
+        + _literal(THINK_CLOSE)
     )
 
 
 def think_regex(max_chars: int = 1200) -> str:
-    """A regular expression for a single non-empty `<think>` block (T1), for constrained decoding."""
-    return re.escape(THINK_OPEN) + rf"\n[^#<\n][^<]{{0,{max_chars}}}\n" + re.escape(THINK_CLOSE)
+    """A regular expression for a single non-empty `<think>` block (T1), for constrained decoding.
+
+    The length of a match is bounded by `think_regex_max_chars`.
+    """
+    return _literal(THINK_OPEN) + r"\n" + _body(max_chars, _THINK_EXCLUDED) + r"\n" + _literal(THINK_CLOSE)
+
+
+def reflection_regex_max_chars(max_section_chars: int = 600) -> int:
+    """The longest text `reflection_regex(max_section_chars)` matches, in characters.
+
+    A token is at least one byte and a character at most four UTF-8 bytes, so `4 *` this many tokens always
+    suffice; English text needs far fewer (real tokenizers average about four characters per token).
+    """
+    fixed = len(THINK_OPEN) + len(THINK_CLOSE) + sum(len(h) for h in HEADINGS)
+    newlines = 2 + 2 * len(HEADINGS)
+    return fixed + newlines + (1 + len(HEADINGS)) * (max_section_chars + 1)
+
+
+def think_regex_max_chars(max_chars: int = 1200) -> int:
+    """The longest text `think_regex(max_chars)` matches, in characters (see `reflection_regex_max_chars`)."""
+    return len(THINK_OPEN) + len(THINK_CLOSE) + 2 + max_chars + 1

@@ -53,5 +53,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         if "gpu" in item.keywords:
             item.add_marker(skip)
 
+
 from fixtures_image import *  # noqa: E402,F401,F403
 from fixtures_text import *  # noqa: E402,F401,F403

@@ -1,0 +1,145 @@
+"""Benchmark: `irgl build` on Ray Data vs the same stage objects called sequentially in one process.
+
+    python bench/pipeline.py [--prompts 64] [--skip-vllm]
+
+1. Pipeline: the tiny preset on N generated prompts through `pipeline.build.build(executor="ray")` (fresh OUT),
+   then through `executor="local"` (plain loop: the same stage classes, one after the other, in this process).
+   Prints wall times and their ratio ray/sequential (goal <= 0.8x: pipelining must beat its overhead), and the
+   peak memory of each run: the machine's used memory above its level before the run, sampled every 0.2 s
+   (Ray workers are not children of this process, so its own RSS would under-count) (goal <= 8 GB).
+2. vLLM stage vs bare vLLM: ThinkStage on one VLLMTextEngine over the same N prompts vs `LLM.chat` called
+   directly on that engine's `vllm.LLM` with the same sampling parameters (goal >= 0.95x).
+Engine start-up is part of both pipeline runs (both start the same engines).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+class PeakMemory:
+    """Peak of (used memory - used memory at start) over the `with` block, sampled in a thread."""
+
+    def __enter__(self) -> PeakMemory:
+        import psutil
+
+        self._psutil = psutil
+        self.base = psutil.virtual_memory().used
+        self.peak = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, self._psutil.virtual_memory().used - self.base)
+            time.sleep(0.2)
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def bench_pipeline(n: int) -> None:
+    import yaml
+
+    from pipeline.build import build
+    from schemas.config import BuildConfig
+
+    data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    data["prompts"] = {"kind": "generator", "generator_count": n, "generator_seed": 1}
+    cfg = BuildConfig.model_validate(data)
+    times, peaks = {}, {}
+    for executor in ("ray", "local"):
+        out = Path(tempfile.mkdtemp(prefix=f"irgl-bench-{executor}-"))
+        with PeakMemory() as mem:
+            t0 = time.perf_counter()
+            result = build(cfg, out, executor=executor)
+            times[executor] = time.perf_counter() - t0
+        peaks[executor] = mem.peak
+        ok = result.stage_counts["assemble"]["ok"]
+        print(f"{executor:6s} {times[executor]:8.1f} s  {ok} trajectories  peak +{mem.peak / 2**30:.2f} GiB")
+        shutil.rmtree(out)
+        if executor == "ray":
+            import ray
+
+            ray.shutdown()
+    print(f"pipeline ray/sequential wall time: {times['ray'] / times['local']:.2f}x (goal <= 0.8x)")
+    print(f"peak memory: ray +{peaks['ray'] / 2**30:.2f} GiB, sequential +{peaks['local'] / 2**30:.2f} GiB (goal <= 8)")
+
+
+def bench_vllm_stage(n: int) -> None:
+    import yaml
+
+    from schemas.config import BuildConfig
+    from schemas.reflection import think_regex
+    from stages.engines.text import VLLMTextEngine
+    from stages.prompts import generate_prompts
+    from stages.think import ThinkStage, think_instruction
+    from stages.tiny import resolve_text
+
+    data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg = BuildConfig.model_validate(data).think.model
+    engine = VLLMTextEngine(resolve_text(cfg))
+    engine.setup()
+    prompts = generate_prompts(n, seed=1)
+    batch = {
+        "id": [f"p{i}" for i in range(n)], "prompt": prompts, "seed": list(range(n)), "status": ["ok"] * n,
+        "stage": [None] * n, "error": [None] * n, "t1": [None] * n, "timings": ["{}"] * n, "models": ["{}"] * n,
+    }  # fmt: skip
+    stage = ThinkStage(cfg, engine=engine)
+    from vllm import SamplingParams
+    from vllm.sampling_params import StructuredOutputsParams
+
+    from schemas.work import stage_seed
+
+    regex = think_regex(cfg.max_section_chars)
+    messages = [[{"role": "user", "content": think_instruction(p)}] for p in prompts]
+    structured = StructuredOutputsParams(regex=regex)
+    params = [
+        SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,
+                       seed=stage_seed(s, "think"), structured_outputs=structured)
+        for s in range(n)
+    ]  # fmt: skip
+    engine._llm.chat(messages[:2], sampling_params=params[:2], use_tqdm=False)  # warm-up (grammar compile)
+    best_stage = best_bare = float("inf")
+    for _ in range(3):
+        b = {k: list(v) for k, v in batch.items()}
+        t0 = time.perf_counter()
+        stage(b)
+        best_stage = min(best_stage, time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        outs = engine._llm.chat(messages, sampling_params=params, use_tqdm=False)
+        best_bare = min(best_bare, time.perf_counter() - t0)
+    assert b["t1"] == [o.outputs[0].text.strip() for o in outs], "stage and bare vLLM must produce the same text"
+    print(f"vLLM think stage {best_stage:.2f} s vs bare LLM.chat {best_bare:.2f} s on {n} prompts (best of 3): "
+          f"throughput ratio {best_bare / best_stage:.2f}x (goal >= 0.95x)")  # fmt: skip
+    engine.close()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--prompts", type=int, default=64)
+    ap.add_argument("--skip-vllm", action="store_true")
+    ap.add_argument("--skip-pipeline", action="store_true")
+    args = ap.parse_args()
+    if not args.skip_vllm:
+        bench_vllm_stage(args.prompts)
+    if not args.skip_pipeline:
+        bench_pipeline(args.prompts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,154 @@
+"""Text engines on real (tiny, random-weight) models: vLLM on the tiny Qwen2-VL, transformers on the tiny Qwen2.
+
+No mocks: the outputs are gibberish, but batching, ordering, images, seeds and the regex constraints are the real
+code paths. Structured outputs must give template-valid text from ANY model, a random one included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+
+import pytest
+from fixtures_text import TEST_SECTION_CHARS
+
+from pipeline.synthetic import draw
+from schemas.config import TextModelConfig
+from schemas.reflection import parse_reflection, reflection_regex, strip_think, think_regex
+from stages.engines.text import TextRequest, TransformersTextEngine, VLLMTextEngine, make_text_engine
+from stages.tiny_text import DONE_MARKER, build_tiny_llm, build_tiny_vlm
+
+pytestmark = pytest.mark.slow
+
+RED = draw("red", "circle", 2, 64, 0)
+BLUE = draw("blue", "square", 3, 64, 2)
+
+
+def _weights_digest(path: Path) -> str:
+    return hashlib.sha256((path / "model.safetensors").read_bytes()).hexdigest()
+
+
+def test_tiny_models_build_deterministically(tmp_path: Path, tiny_vlm_path: Path, tiny_llm_path: Path) -> None:
+    vlm = build_tiny_vlm(tmp_path)
+    llm = build_tiny_llm(tmp_path)
+    assert _weights_digest(vlm) == _weights_digest(tiny_vlm_path)
+    assert _weights_digest(llm) == _weights_digest(tiny_llm_path)
+    for name in ("tokenizer.json", "config.json", "chat_template.jinja"):
+        assert (vlm / name).read_bytes() == (tiny_vlm_path / name).read_bytes(), name
+    # Idempotent: a completed build is reused untouched.
+    mtime = (vlm / "model.safetensors").stat().st_mtime_ns
+    assert build_tiny_vlm(tmp_path) == vlm
+    assert (vlm / "model.safetensors").stat().st_mtime_ns == mtime
+    assert (vlm / DONE_MARKER).exists()
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temp dirs left behind
+
+
+def test_tiny_tokenizer_keeps_the_template_text(tiny_vlm_path: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_vlm_path)
+    text = "<think>\n### Final Comprehensive Prompt for the Improved Image:\n</think>"
+    # <think> is ordinary text (not a special token), so detokenizing with skip_special_tokens keeps it.
+    assert tok.decode(tok(text)["input_ids"], skip_special_tokens=True) == text
+    for special in ("<|im_start|>", "<|im_end|>", "<|vision_start|>", "<|vision_end|>", "<|image_pad|>"):
+        assert len(tok(special)["input_ids"]) == 1, special
+
+
+def test_batch_mixes_text_and_images_in_order(vlm_engine: VLLMTextEngine) -> None:
+    requests = [
+        TextRequest("Describe a red circle.", seed=1),
+        TextRequest("What is in this image?", images=[RED], seed=2),
+        TextRequest("Compare the two images.", system="You are a critic.", images=[RED, BLUE], seed=3),
+        TextRequest("Plan an image of two cats.", seed=4, regex=think_regex(TEST_SECTION_CHARS)),
+        TextRequest("Reflect on the image.", images=[BLUE], seed=5, regex=reflection_regex(TEST_SECTION_CHARS)),
+    ]
+    outputs = vlm_engine.generate(requests)
+    assert len(outputs) == len(requests)
+    assert all(isinstance(o, str) and o for o in outputs)
+    # Order: the constrained requests sit at known positions and only they follow their templates.
+    strip_think(outputs[3])
+    parse_reflection(outputs[4])
+    assert vlm_engine.generate([]) == []
+
+
+def test_think_regex_holds_for_every_output(vlm_engine: VLLMTextEngine) -> None:
+    regex = think_regex(TEST_SECTION_CHARS)
+    requests = [TextRequest(f"Plan image {i}.", regex=regex, seed=100 + i) for i in range(4)]
+    requests.append(TextRequest("Plan from this sketch.", images=[RED], regex=regex, seed=200))
+    for text in vlm_engine.generate(requests):
+        assert re.fullmatch(regex, text), text
+        assert "\ufffd" not in text  # every sampled byte sequence was valid UTF-8 (see schemas.reflection._NEVER)
+        assert strip_think(text)
+
+
+def test_reflection_regex_holds_for_every_output(vlm_engine: VLLMTextEngine) -> None:
+    regex = reflection_regex(TEST_SECTION_CHARS)
+    requests = [
+        TextRequest("Reflect on the first image.", images=[RED], regex=regex, seed=300),
+        TextRequest("Reflect on the second image.", images=[BLUE], regex=regex, seed=301),
+        TextRequest("Compare I1 with the prompt.", images=[RED, BLUE], regex=regex, seed=302),
+        TextRequest("Reflect without an image.", system="Be strict.", regex=regex, seed=303),
+    ]
+    for text in vlm_engine.generate(requests):
+        assert re.fullmatch(regex, text), text
+        assert "\ufffd" not in text
+        reflection = parse_reflection(text)
+        assert reflection.final_prompt.strip()
+
+
+def test_seeds_make_sampling_reproducible(vlm_engine: VLLMTextEngine) -> None:
+    regex = think_regex(TEST_SECTION_CHARS)
+    same = [TextRequest("Plan an image.", images=[RED], regex=regex, seed=7) for _ in range(2)]
+    other = [TextRequest("Plan an image.", images=[RED], regex=regex, seed=s) for s in (8, 9)]
+    first = vlm_engine.generate(same + other)
+    second = vlm_engine.generate(same + other)
+    assert first == second  # same batch again: identical
+    assert first[0] == first[1]  # same request and seed within a batch: identical
+    assert len({first[0], first[2], first[3]}) == 3  # different seeds: different samples
+
+
+def test_seeded_batch_larger_than_one_scheduler_step(vlm_engine: VLLMTextEngine) -> None:
+    """Regression: on vLLM's CPU backend a seeded prompt split by chunked prefill crashed the engine ("CPU Generator
+    does not use offset"). 48 prompts of ~250 tokens exceed one step's token budget; every request must finish."""
+    filler = "plan the objects, colours, positions, lighting and style of the picture. " * 4
+    requests = [TextRequest(prompt=f"{i}: {filler}", regex=think_regex(8), seed=i) for i in range(48)]
+    outputs = vlm_engine.generate(requests)
+    assert len(outputs) == 48
+    assert all(re.fullmatch(think_regex(8), o) for o in outputs)
+
+
+def test_image_limit_is_enforced(vlm_engine: VLLMTextEngine) -> None:
+    with pytest.raises(ValueError, match="max_images"):
+        vlm_engine.generate([TextRequest("too many", images=[RED, BLUE, RED])])
+
+
+def test_make_text_engine_picks_the_configured_engine(tiny_llm_path: Path) -> None:
+    assert isinstance(make_text_engine(TextModelConfig(model=str(tiny_llm_path))), VLLMTextEngine)
+    engine = make_text_engine(TextModelConfig(model=str(tiny_llm_path), engine="transformers"))
+    assert isinstance(engine, TransformersTextEngine)
+    assert engine.model_name == str(tiny_llm_path)
+
+
+def test_transformers_fallback_on_tiny_llm(tiny_llm_path: Path) -> None:
+    cfg = TextModelConfig(model=str(tiny_llm_path), engine="transformers", max_tokens=24, temperature=1.0)
+    engine = make_text_engine(cfg)
+    engine.setup()
+    requests = [TextRequest("Plan an image.", seed=1), TextRequest("Plan another.", system="Be brief.", seed=2)]
+    outputs = engine.generate(requests)
+    assert len(outputs) == 2 and all(isinstance(o, str) and o.strip() for o in outputs)
+    assert engine.generate(requests) == outputs  # seeded sampling
+    with pytest.raises(ValueError, match="text-only"):
+        engine.generate([TextRequest("look", images=[RED])])
+    engine.close()
+
+
+def test_transformers_fallback_on_tiny_vlm_with_images(tiny_vlm_path: Path) -> None:
+    cfg = TextModelConfig(model=str(tiny_vlm_path), engine="transformers", max_tokens=16, temperature=1.0)
+    engine = make_text_engine(cfg)
+    engine.setup()
+    outputs = engine.generate(
+        [TextRequest("Text only.", seed=1), TextRequest("Two images.", images=[RED, BLUE], seed=2)]
+    )
+    assert len(outputs) == 2 and all(o.strip() for o in outputs)
+    engine.close()
