@@ -28,6 +28,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.fsio import fsync_rename, sha256_file, write_atomic
+from pipeline.secrets import redact_env, redact_obj, secret_values
 from pipeline.shards import write_dataset
 from schemas.config import BuildConfig
 from schemas.modes import ModeOptions
@@ -146,8 +147,10 @@ def batch_to_rows(batch: Batch) -> list[dict[str, Any]]:
 def run_sequential(
     specs: list[StageSpec], rows: list[dict[str, Any]], stages: list[Stage] | None = None
 ) -> Iterator[dict[str, Any]]:
-    """All stages in this process, one after the other, one work unit per batch. Yields rows in input order.
+    """All stages in this process, one after the other. Yields rows in input order.
 
+    Batches are formed as on Ray Data: each unit on its own, cut into chunks of each stage's `batch_size`, so both
+    executors hand every engine the same batches (batch composition can change float results in the last bit).
     `stages` may pass already set-up stage objects (e.g. sharing engines); by default they are built from specs.
     """
     if stages is None:
@@ -158,13 +161,18 @@ def run_sequential(
     for r in rows:
         units[r["unit"]].append(r)
     for unit in sorted(units):
-        batch = rows_to_batch(units[unit])
-        for stage in stages:
-            n = len(batch["id"])
-            batch = stage(batch)
-            if len(batch["id"]) != n:
-                raise RuntimeError(f"stage {stage.name} changed the batch length")
-        yield from batch_to_rows(batch)
+        unit_rows = units[unit]
+        for spec, stage in zip(specs, stages, strict=True):
+            size = spec.resources.batch_size if spec.resources is not None else len(unit_rows)
+            out_rows: list[dict[str, Any]] = []
+            for start in range(0, len(unit_rows), size):
+                chunk = unit_rows[start : start + size]
+                batch = stage(rows_to_batch(chunk))
+                if len(batch["id"]) != len(chunk):
+                    raise RuntimeError(f"stage {stage.name} changed the batch length")
+                out_rows.extend(batch_to_rows(batch))
+            unit_rows = out_rows
+        yield from unit_rows
 
 
 class _StageActor:
@@ -186,6 +194,7 @@ class _StageActor:
 _WORKER_ENV = (
     "HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "VLLM_CPU_KVCACHE_SPACE",
     "VLLM_CPU_OMP_THREADS_BIND", "VLLM_ENABLE_V1_MULTIPROCESSING", "IRGL_TINY_DIR", "TOKENIZERS_PARALLELISM",
+    "HF_TOKEN",  # gated models (e.g. FLUX.1-dev) on cluster workers; held in memory by Ray, never written by irgl
 )  # fmt: skip
 
 
@@ -219,15 +228,17 @@ def run_ray(cfg: BuildConfig, specs: list[StageSpec], rows: list[dict[str, Any]]
     ]
     ds = ray.data.from_arrow(tables)
     for spec in specs:
+        # One subclass per stage so that Ray's process titles and dashboard name the stage (ray::..StageActor_think).
+        actor = type(f"StageActor_{spec.name}", (_StageActor,), {})
         res = spec.resources
         if res is None:
             ds = ds.map_batches(
-                _StageActor, fn_constructor_args=(spec,), batch_format="pyarrow", zero_copy_batch=False,
+                actor, fn_constructor_args=(spec,), batch_format="pyarrow", zero_copy_batch=False,
                 compute=ray.data.ActorPoolStrategy(size=1), num_cpus=0.1, batch_size=cfg.unit_size,
             )  # fmt: skip
             continue
         ds = ds.map_batches(
-            _StageActor,
+            actor,
             fn_constructor_args=(spec,),
             batch_format="pyarrow",
             zero_copy_batch=False,
@@ -251,33 +262,59 @@ def unit_name(unit: int) -> str:
     return f"unit-{unit:05d}"
 
 
-def write_unit(out: Path, unit: int, rows: list[dict[str, Any]], gen_hash: str) -> dict[str, Any]:
-    """Write one finished unit: trajectories, rejects, then the marker (last). Returns the marker."""
+def reject_record(row: dict[str, Any]) -> dict[str, Any]:
+    """The rejects/ line of a filtered or failed work row."""
+    return {
+        "id": row["id"], "status": row["status"], "stage": row["stage"], "reason": row["error"],
+        "prompt": row["prompt"], "where": row["where"],
+        "scores": {k: row[k] for k in ("clip_i1", "clip_i2", "clip_i1_i2")},
+        "timings": json.loads(row["timings"] or "{}"),  # stage time spent on it counts in the report's cost
+    }  # fmt: skip
+
+
+def read_unit(out: Path, unit: int) -> tuple[dict[str, Trajectory], dict[str, dict[str, Any]]]:
+    """The kept trajectories and the rejects of a finished unit, by id."""
     name = unit_name(unit)
-    ok = [r for r in rows if r["status"] == OK]
-    rejected = [r for r in rows if r["status"] != OK]
+    table = pq.read_table(out / "trajectories" / f"{name}.parquet")
+    kept = {row["id"]: Trajectory.from_row(row) for row in table.to_pylist()}
+    lines = (out / "rejects" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    rejects = {r["id"]: r for r in map(json.loads, lines)}
+    return kept, rejects
+
+
+def write_unit(
+    out: Path,
+    unit: int,
+    ids: list[str],
+    kept: dict[str, Trajectory],
+    rejects: dict[str, dict[str, Any]],
+    gen_hash: str,
+) -> dict[str, Any]:
+    """Write one finished unit: trajectories and rejects in the unit's id order, then the marker (last).
+
+    Each file goes through temp name + fsync + rename; the marker lists their sha256, so a unit whose files
+    changed after its marker (a crash between the two) is not trusted and is redone as a whole.
+    """
+    if set(kept) | set(rejects) != set(ids) or set(kept) & set(rejects):
+        raise BuildError(f"unit {unit}: every id must be kept or rejected exactly once")
+    name = unit_name(unit)
     traj_path = out / "trajectories" / f"{name}.parquet"
-    table = pa.Table.from_pylist([row_to_trajectory(r).to_row() for r in ok], schema=TRAJECTORY_SCHEMA)
+    rows = [kept[i].to_row() for i in ids if i in kept]
     traj_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = traj_path.with_name(f".tmp-{traj_path.name}")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), tmp, compression="zstd")
     fsync_rename(tmp, traj_path)
     reject_path = out / "rejects" / f"{name}.jsonl"
-    lines = [
-        json.dumps(
-            {"id": r["id"], "status": r["status"], "stage": r["stage"], "reason": r["error"], "prompt": r["prompt"],
-             "where": r["where"], "scores": {k: r[k] for k in ("clip_i1", "clip_i2", "clip_i1_i2")}},
-            ensure_ascii=False, sort_keys=True,
-        )
-        for r in rejected
-    ]  # fmt: skip
+    lines = [json.dumps(rejects[i], ensure_ascii=False, sort_keys=True) for i in ids if i in rejects]
     write_atomic(reject_path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
+    statuses = [OK if i in kept else rejects[i]["status"] for i in ids]
     marker = {
         "unit": unit,
         "generation_hash": gen_hash,
-        "ids": [r["id"] for r in rows],
-        "counts": dict(Counter(r["status"] for r in rows)),
-        "rejected_at": dict(Counter(f"{r['stage']}:{r['status']}" for r in rejected)),
+        "ids": ids,
+        "counts": dict(Counter(statuses)),
+        "failed_ids": [i for i in ids if i in rejects and rejects[i]["status"] == FAILED],
+        "rejected_at": dict(Counter(f"{r['stage']}:{r['status']}" for r in rejects.values())),
         "files": {
             p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in (traj_path, reject_path)
@@ -386,12 +423,11 @@ def build(
     check_out_dir(out, cfg, force)
     gen_hash = cfg.generation_hash()
     out.mkdir(parents=True, exist_ok=True)
-    write_atomic(
-        out / STATE_DIR / BUILD_STATE,
-        json.dumps(
-            {"generation_hash": gen_hash, "config": cfg.model_dump(mode="json")}, indent=1, sort_keys=True
-        ).encode(),
-    )
+    secrets = secret_values(cfg.ray.env_vars)
+    dump = cfg.model_dump(mode="json")
+    dump["ray"]["env_vars"] = redact_env(cfg.ray.env_vars)
+    state = {"generation_hash": gen_hash, "config": redact_obj(dump, secrets)}
+    write_atomic(out / STATE_DIR / BUILD_STATE, json.dumps(state, indent=1, sort_keys=True).encode())
     write_atomic(out / STATE_DIR / "prompts.json", json.dumps({**report.as_dict(), "problems": report.problems[:1000]},
                                                                indent=1, ensure_ascii=False).encode())  # fmt: skip
     rows = make_rows(cfg, prompts)
@@ -400,18 +436,30 @@ def build(
         by_unit[r["unit"]].append(r)
     markers: dict[int, dict[str, Any]] = {}
     todo: list[dict[str, Any]] = []
+    expected: dict[int, int] = {}  # rows of each unit sent through the stages in this run
     for unit, unit_rows in sorted(by_unit.items()):
         marker = read_marker(out, unit, gen_hash, [r["id"] for r in unit_rows])
-        if marker is not None:
-            markers[unit] = marker
-        else:
-            todo.extend(unit_rows)
-    skipped = len(markers)
-    log.info("%d prompts in %d units; %d units already done", len(rows), len(by_unit), skipped)
+        if marker is None:
+            todo.extend(unit_rows)  # new, or interrupted before its marker: redo the whole unit
+            expected[unit] = len(unit_rows)
+            continue
+        markers[unit] = marker
+        retry = set(marker.get("failed_ids", []))  # failed rows are retried; filtered rows are final
+        if retry:
+            todo.extend(r for r in unit_rows if r["id"] in retry)
+            expected[unit] = len(retry)
+    skipped = len(markers) - sum(1 for u in expected if u in markers)
+    log.info(
+        "%d prompts in %d units: %d units done, %d to run, %d failed rows to retry",
+        len(rows), len(by_unit), skipped, len(expected), sum(len(m.get("failed_ids", [])) for m in markers.values()),
+    )  # fmt: skip
 
-    specs = stage_graph(cfg, fault_rates)
-    if stages is not None and (executor != "local" or [s.name for s in stages] != [s.name for s in specs]):
-        raise BuildError("stages= needs executor='local' and one stage object per graph step, in order")
+    specs = stage_graph(cfg, {**cfg.fault_injection, **(fault_rates or {})})
+    if stages is not None:
+        if executor != "local" or [s.name for s in stages] != [s.name for s in specs]:
+            raise BuildError("stages= needs executor='local' and one stage object per graph step, in order")
+        for stage, spec in zip(stages, specs, strict=True):
+            stage.fault_rate = spec.kwargs.get("fault_rate", 0.0)  # the config decides, as for built stages
     if todo and stages is None:
         prebuild_tiny_models(cfg)
     finished_rows: list[dict[str, Any]] = []  # light copies (no images) for the summary
@@ -424,14 +472,24 @@ def build(
         pending: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
         for row in stream:
             unit = row["unit"]
+            if row["id"] in pending[unit]:
+                raise BuildError(f"row {row['id']} came out of the stages twice")
             pending[unit][row["id"]] = row
-            if len(pending[unit]) == len(by_unit[unit]):
-                ordered = [pending[unit][r["id"]] for r in by_unit[unit]]  # source order: deterministic files
-                markers[unit] = write_unit(out, unit, ordered, gen_hash)
-                finished_rows.extend({k: r[k] for k in ("status", "stage", "timings")} for r in ordered)
-                del pending[unit]
-                if progress:
-                    progress(unit, markers[unit])
+            if len(pending[unit]) < expected[unit]:
+                continue
+            done = pending.pop(unit)
+            kept, rejects = read_unit(out, unit) if unit in markers else ({}, {})
+            for rid, r in done.items():
+                rejects.pop(rid, None)  # a retried row replaces its earlier failure
+                if r["status"] == OK:
+                    kept[rid] = row_to_trajectory(r)
+                else:
+                    rejects[rid] = redact_obj(reject_record(r), secrets)  # error texts may quote a secret
+            ids = [r["id"] for r in by_unit[unit]]  # source order: deterministic files
+            markers[unit] = write_unit(out, unit, ids, kept, rejects, gen_hash)
+            finished_rows.extend({k: r[k] for k in ("status", "stage", "timings")} for r in done.values())
+            if progress:
+                progress(unit, markers[unit])
         if pending:
             raise BuildError(f"the stage stream ended with {len(pending)} unfinished units: rows were lost")
 
@@ -460,15 +518,22 @@ def build(
             "strategy": cfg.strategy,
             "models": _model_names(cfg),
         },
-        extra={"prompts": report.as_dict(), "stages": counts, "units": len(markers)},
+        extra={
+            "prompts": report.as_dict(),
+            "stages": [{"stage": name, **c} for name, c in counts.items()],  # a list: keeps the graph's order
+            "units": len(markers),
+        },
     )
+    from pipeline.report import write_report
+
+    write_report(out)
     return BuildResult(
         out=out,
         prompts=report,
         stage_counts=counts,
         mode_counts=result.counts,
         trajectories=result.trajectories,
-        units_run=len(markers) - skipped,
+        units_run=len(expected),
         units_skipped=skipped,
         wall_seconds=time.perf_counter() - started,
         stage_seconds=dict(stage_seconds),

@@ -78,10 +78,13 @@ def build(
 
     from pipeline.build import BuildError
     from pipeline.build import build as run_build
+    from pipeline.secrets import RedactingFilter
     from schemas.config import ConfigError, load_build_config
     from stages.prompts import PromptSourceError
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(RedactingFilter())
     if executor not in ("ray", "local"):
         _fail(f"--executor must be 'ray' or 'local', got {executor!r}")
     try:
@@ -101,7 +104,7 @@ def build(
     except (BuildError, PromptSourceError) as exc:
         _fail(str(exc))
     _print_summary(result)
-    typer.echo(f"dataset written to {out} (verify with: irgl verify {out})")
+    typer.echo(f"dataset written to {out} (verify with: irgl verify {out}); report: {out / 'report.html'}")
 
 
 def _print_summary(result) -> None:  # noqa: ANN001 (BuildResult, imported lazily)
@@ -133,6 +136,19 @@ def _print_summary(result) -> None:  # noqa: ANN001 (BuildResult, imported lazil
         f"trajectories: {result.trajectories}; units run: {result.units_run}, skipped (already done): "
         f"{result.units_skipped}; wall time {result.wall_seconds:.1f} s"
     )
+
+
+@app.command()
+def report(
+    out: Path = typer.Argument(..., help="A directory written by irgl build."),
+    samples: int = typer.Option(8, min=0, help="Sample trajectories shown side by side."),
+) -> None:
+    """Write OUT/report.html: funnel, per-mode counts, CLIP histograms, samples, time and cost per trajectory."""
+    from pipeline.report import write_report
+
+    if not (out / "manifest.json").is_file() or not (out / "state" / "build.json").is_file():
+        _fail(f"{out}: not a directory written by irgl build (needs manifest.json and state/build.json)")
+    typer.echo(f"report written to {write_report(out, samples)}")
 
 
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)

@@ -39,6 +39,12 @@ class ResourceConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions allowed, e.g. 0.5).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor; use fractions on small machines.")
     batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
+    items_per_second: float | None = Field(
+        None,
+        gt=0,
+        description="Planning only (`irgl plan`; the build never reads it): trajectories per second that one "
+        "replica of this stage processes, as measured on your hardware. None: irgl plan's built-in H100 estimate.",
+    )
 
 
 class TextModelConfig(StrictModel):
@@ -157,6 +163,20 @@ class BuildConfig(StrictModel):
     shards: ShardConfig = Field(ShardConfig(), description="How the mode shards are written.")
     unit_size: int = Field(64, ge=1, description="Prompts per resumable work unit (a few GPU-minutes each).")
     ray: RayConfig = Field(RayConfig(), description="Where and how Ray runs.")
+    fault_injection: dict[Literal["think", "draw_initial", "reflect", "draw_refined", "score", "assemble"], float] = (
+        Field(
+            default_factory=dict,
+            description="Testing only: per stage, the share of rows made to fail on purpose (deterministic per row).",
+        )
+    )
+
+    @field_validator("fault_injection")
+    @classmethod
+    def _shares(cls, value: dict[str, float]) -> dict[str, float]:
+        for stage, rate in value.items():
+            if not 0.0 <= rate <= 1.0:
+                raise ValueError(f"fault_injection.{stage}={rate} must be between 0 and 1")
+        return value
 
     @field_validator("prompts", mode="before")
     @classmethod

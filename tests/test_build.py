@@ -106,9 +106,9 @@ def _check_build(out: Path, result, n_ok: int, strategy: str) -> None:
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["counts"] == {m.name: n_ok for m in MODES}
     stages = manifest["build"]["stages"]
-    first = next(iter(stages.values()))
-    assert first["in"] == result.prompts.kept
-    for c in stages.values():
+    assert [c["stage"] for c in stages] == list(result.stage_counts)  # graph order
+    assert stages[0]["in"] == result.prompts.kept
+    for c in stages:
         assert c["in"] == c["ok"] + c["filtered"] + c["failed"]
     trajectories = pq.read_table(out / "trajectories").to_pylist()
     assert len(trajectories) == n_ok and {t["strategy"] for t in trajectories} == {strategy}

@@ -1,0 +1,85 @@
+"""Command functions of `irgl plan` and `irgl publish` (registered in pipeline/cli.py).
+
+Thin, like the rest of the CLI: parse options, call pipeline.plan / pipeline.publish, map errors to exit codes
+(2: bad input found before anything runs, as `irgl build` does; 1: a dataset that does not verify, or warnings
+under `--strict`).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+
+def _fail(message: str) -> None:
+    """Error lines on stderr, exit code 2 (the convention of `irgl build` for bad input)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def plan_command(
+    config: Path = typer.Argument(..., help="Build config YAML (e.g. configs/irgl-300k.yaml)."),
+    cluster: Path | None = typer.Option(
+        None, "--cluster", help="Ray cluster-launcher YAML (e.g. ray_cluster.yaml): check every actor can be placed."
+    ),
+    prompts: str | None = typer.Option(None, "--prompts", help="Prompt file replacing the config's sources."),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="Plan for at most this many prompts."),
+    expected_count: list[str] | None = typer.Option(
+        None, "--expected-count", help="PATH=N: rows of a Hugging Face prompt source the config cannot count."
+    ),
+    keep_rate: float = typer.Option(
+        1.0, "--keep-rate", min=0.0, max=1.0, help="Share of trajectories the verdict keeps (from a pilot build)."
+    ),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when the plan has warnings."),
+) -> None:
+    """Validate CONFIG and print the stage graph, resources, expected records, GPU-hours, wall time and warnings.
+    Loads no model and contacts nothing."""
+    from pipeline.plan import PlanError, format_plan, plan_from_file
+    from schemas.config import ConfigError
+
+    try:
+        plan = plan_from_file(
+            config, cluster=cluster, expected_counts=expected_count, keep_rate=keep_rate, prompts_path=prompts,
+            limit=limit,
+        )  # fmt: skip
+    except (ConfigError, PlanError) as exc:
+        _fail(str(exc))
+    typer.echo(format_plan(plan))
+    if strict and plan.warnings:
+        raise typer.Exit(1)
+
+
+def publish_command(
+    out: Path = typer.Argument(..., help="A built dataset directory (holds manifest.json)."),
+    repo_id: str = typer.Option(..., "--repo-id", help="Hub dataset repository, ORG/NAME."),
+    private: bool = typer.Option(False, "--private", help="Create the repository as private (if it does not exist)."),
+    revision: str | None = typer.Option(None, "--revision", help="Branch to upload to (made from main if missing)."),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Print the file list and commit plan; contact nothing."),
+    include_wds: bool = typer.Option(False, "--include-wds", help="Also upload the WebDataset tars (wds/)."),
+    include_internal: bool = typer.Option(
+        False, "--include-internal", help="Also upload trajectories/, rejects/ and state/."
+    ),
+    license_name: str | None = typer.Option(None, "--license", help="License of the card (default: the build's)."),
+    stage_dir: Path | None = typer.Option(
+        None, "--stage-dir", help="Stage the upload in this empty folder and keep it (inspect it after --dry-run)."
+    ),
+    decode_images: bool = typer.Option(True, help="Verify by fully decoding every image (slower, thorough)."),
+) -> None:
+    """Verify OUT, then upload its mode Parquet shards and a Hub dataset card (resumable: rerun to continue).
+    The token comes from HF_TOKEN or `hf auth login` and is never printed."""
+    from pipeline.publish import PublishError, PublishRefused, publish
+
+    try:
+        publish(
+            out, repo_id, private=private, revision=revision, include_wds=include_wds,
+            include_internal=include_internal, license_name=license_name, dry_run=dry_run, stage_dir=stage_dir,
+            decode_images=decode_images, echo=typer.echo,
+        )  # fmt: skip
+    except PublishRefused as exc:
+        for problem in exc.problems[:200]:
+            typer.echo(str(problem), err=True)
+        typer.echo(f"error: {exc}", err=True)
+        raise typer.Exit(1) from None
+    except PublishError as exc:
+        _fail(str(exc))

@@ -1,0 +1,245 @@
+"""Exactly-once resume, failure isolation, a killed engine actor, and hostile input, with the real stack.
+
+The kill-anywhere test runs `irgl build` as a separate process (its own local Ray), kills its whole process
+group with SIGKILL at random moments, reruns the same command, and compares with an uninterrupted run: same ids,
+none twice, byte-identical shards and manifest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow.parquet as pq
+import pytest
+import yaml
+from test_build import TINY, session_stages
+
+from pipeline.build import build
+from pipeline.verify import verify
+from schemas import MODES
+from schemas.config import BuildConfig
+from stages.base import _fault
+
+RTL_EMOJI = "\u05d7\u05ea\u05d5\u05dc \u0627\u0644\u0642\u0637 \U0001f63a\U0001f3a8"  # Hebrew, Arabic, emoji
+KILL_SEED = int(os.environ.get("IRGL_KILL_SEED", "20261127"))
+
+
+def _config(tmp: Path, **overrides) -> Path:
+    data = yaml.safe_load(TINY.read_text())
+    data.update(overrides)
+    path = tmp / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+def _start(config: Path, out: Path, log: Path) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "pipeline.cli", "build", "--config", str(config), "--out", str(out)]
+    # A new session: the build, its local Ray (GCS, raylet) and every worker share one process group.
+    return subprocess.Popen(cmd, start_new_session=True, stdout=open(log, "ab"), stderr=subprocess.STDOUT)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    for q in psutil.process_iter():  # nothing of that session may survive (it would hold the unit files)
+        try:
+            if os.getsid(q.pid) == proc.pid:
+                q.kill()
+        except (psutil.Error, ProcessLookupError):
+            pass
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    paths = [*(out / "data").rglob("*"), *(out / "wds").rglob("*"), out / "manifest.json", out / "README.md"]
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in paths if p.is_file()}
+
+
+def test_kill_anywhere_then_resume_is_exactly_once_and_byte_identical(tmp_path: Path) -> None:
+    config = _config(tmp_path, prompts={"kind": "generator", "generator_count": 8, "generator_seed": 4}, unit_size=2)
+    log = tmp_path / "build.log"
+    ref = tmp_path / "reference"
+    t0 = time.monotonic()
+    proc = _start(config, ref, log)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+    duration = time.monotonic() - t0
+
+    out = tmp_path / "interrupted"
+    rng = random.Random(KILL_SEED)
+    moments = sorted(rng.uniform(0.25, 1.0) * duration for _ in range(3))
+    print(f"kill seed {KILL_SEED}: reference {duration:.0f} s, kills after {[round(m) for m in moments]} s")
+    for moment in moments:
+        proc = _start(config, out, log)
+        try:
+            proc.wait(timeout=moment)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+    proc = _start(config, out, log)
+    assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
+
+    assert verify(out) == []
+    ref_ids = pq.read_table(ref / "trajectories", columns=["id"]).column("id").to_pylist()
+    ids = pq.read_table(out / "trajectories", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 8 and sorted(ids) == sorted(ref_ids)
+    for m in MODES:
+        rids = pq.read_table(out / "data" / m.name, columns=["id"]).column("id").to_pylist()
+        assert len(rids) == len(set(rids)) == 8
+    a, b = _files(ref), _files(out)
+    assert a.keys() == b.keys()
+    assert [k for k in a if a[k] != b[k]] == []
+
+
+def _expected_faults(result_ids: list[str], stage: str, rate: float) -> set[str]:
+    return {i for i in result_ids if _fault(i, stage, rate)}
+
+
+def test_injected_faults_are_isolated_counted_and_retried(
+    tmp_path: Path, vlm_engine, image_engine, clip_scorer, tiny_vlm_config
+) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    data["prompts"] = {"kind": "generator", "generator_count": 6, "generator_seed": 8}
+    data["unit_size"] = 3
+    data["fault_injection"] = {"reflect": 0.5}
+    cfg = BuildConfig.model_validate(data)
+    stages = session_stages(cfg, tiny_vlm_config, vlm_engine, image_engine, clip_scorer)
+    out = tmp_path / "out"
+    result = build(cfg, out, executor="local", stages=stages)
+    all_ids = [json.loads(p.read_text())["ids"] for p in sorted((out / "state" / "units").glob("*.json"))]
+    all_ids = [i for ids in all_ids for i in ids]
+    failed = _expected_faults(all_ids, "reflect", 0.5)
+    assert 0 < len(failed) < 6, "seed the prompts so that some, not all, rows fail"
+    c = result.stage_counts
+    assert c["reflect"] == {"in": 6, "ok": 6 - len(failed), "filtered": 0, "failed": len(failed)}
+    assert all(v["in"] == v["ok"] + v["filtered"] + v["failed"] for v in c.values())
+    rejects = [json.loads(x) for p in sorted((out / "rejects").glob("*.jsonl")) for x in p.read_text().splitlines()]
+    assert {r["id"] for r in rejects} == failed
+    assert all(r["stage"] == "reflect" and "injected fault" in r["reason"] for r in rejects)
+    assert json.loads((out / "manifest.json").read_text())["counts"][MODES[0].name] == 6 - len(failed)
+
+    # Rerun without faults (not part of the generation hash): only the failed rows run again.
+    data["fault_injection"] = {}
+    clean = BuildConfig.model_validate(data)
+    assert clean.generation_hash() == cfg.generation_hash()
+    stages = session_stages(clean, tiny_vlm_config, vlm_engine, image_engine, clip_scorer)
+    calls: list[int] = []
+    original = stages[0].process
+    stages[0].process = lambda batch, rows: (calls.append(len(rows)), original(batch, rows))[1]
+    again = build(clean, out, executor="local", stages=stages)
+    assert sum(calls) == len(failed)  # think ran for the retried rows only
+    assert again.stage_counts["assemble"]["ok"] == 6 and again.stage_counts["reflect"]["failed"] == 0
+    assert verify(out) == []
+    ids = pq.read_table(out / "trajectories", columns=["id"]).column("id").to_pylist()
+    assert ids == all_ids  # source order, each once
+    assert all(not p.read_text() for p in (out / "rejects").glob("*.jsonl"))
+
+
+def test_killed_stage_actor_is_restarted_and_its_rows_retried(tmp_path: Path, ray_session) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    data["prompts"] = {"kind": "generator", "generator_count": 6, "generator_seed": 11}
+    data["unit_size"] = 2
+    for stage in ("think", "draw_initial", "reflect", "draw_refined", "score"):
+        data[stage]["resources"]["batch_size"] = 2
+    cfg = BuildConfig.model_validate(data)
+    killed: list[int] = []
+
+    def reflect_actors() -> list[psutil.Process]:
+        found = []
+        for q in psutil.process_iter(["cmdline"]):
+            cmd = " ".join(q.info["cmdline"] or [])
+            if "StageActor_reflect" in cmd and "MapWorker" in cmd:
+                found.append(q)
+        return found
+
+    def progress(unit: int, marker: dict) -> None:
+        if killed:
+            return
+        actors = reflect_actors()
+        assert actors, "the reflect actor should be alive mid-run"
+        for q in actors:
+            killed.append(q.pid)
+            q.send_signal(signal.SIGKILL)
+
+    out = tmp_path / "out"
+    result = build(cfg, out, executor="ray", progress=progress)
+    assert killed
+    assert result.stage_counts["assemble"]["ok"] == 6
+    assert all(v["failed"] == 0 for v in result.stage_counts.values())
+    assert verify(out) == []
+    ids = pq.read_table(out / "trajectories", columns=["id"]).column("id").to_pylist()
+    assert len(ids) == len(set(ids)) == 6
+
+
+def _irgl(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "pipeline.cli", *args], capture_output=True, text=True, check=False)
+
+
+def test_hostile_prompt_file(tmp_path: Path, vlm_engine, image_engine, clip_scorer, tiny_vlm_config) -> None:
+    lines = [
+        json.dumps({"prompt": "a red apple on a table"}).encode(),
+        b"\xc3\x28 invalid utf-8",
+        b'{"prompt": "unterminated',
+        json.dumps({"text": "missing field"}).encode(),
+        json.dumps({"prompt": ""}).encode(),
+        json.dumps({"prompt": " \t "}).encode(),
+        json.dumps({"prompt": "a cat\x00\x1b[31m with control characters"}).encode(),
+        json.dumps({"prompt": "word " * 4000}).encode(),
+        json.dumps({"prompt": RTL_EMOJI}, ensure_ascii=False).encode(),
+        json.dumps({"prompt": "a red apple on a table"}).encode(),
+        b"   ",
+    ]  # fmt: skip
+    prompts = tmp_path / "hostile.jsonl"
+    prompts.write_bytes(b"\n".join(lines))
+    data = yaml.safe_load(TINY.read_text())
+    cfg = BuildConfig.model_validate(data)
+    stages = session_stages(cfg, tiny_vlm_config, vlm_engine, image_engine, clip_scorer)
+    out = tmp_path / "out"
+    result = build(cfg, out, prompts_path=str(prompts), executor="local", stages=stages)
+    r = result.prompts
+    assert r.read == 11 and r.kept == 3
+    assert r.dropped == {"invalid_utf8": 1, "malformed_json": 1, "missing_field": 1, "empty": 3, "too_long": 1,
+                         "duplicate": 1}  # fmt: skip
+    for n, reason in [(2, "invalid UTF-8"), (3, "malformed JSON"), (4, "no field 'prompt'"), (8, "characters > ")]:
+        assert any(p.startswith(f"hostile.jsonl:{n}: ") and reason in p for p in r.problems), (n, r.problems)
+    kept = [t["prompt"] for t in pq.read_table(out / "trajectories").to_pylist()]
+    assert kept == ["a red apple on a table", "a cat[31m with control characters", RTL_EMOJI]
+    assert verify(out) == []
+    state = json.loads((out / "state" / "prompts.json").read_text())
+    assert state["read"] == 11 and state["kept"] == 3 and "hostile.jsonl:2: invalid UTF-8" in state["problems"][0]
+
+
+def test_bad_paths_and_foreign_out_fail_in_one_line(tmp_path: Path) -> None:
+    proc = _irgl("build", "--prompts", str(tmp_path), "--out", str(tmp_path / "o"))
+    assert proc.returncode == 2 and proc.stderr.strip().endswith("not a file") and proc.stderr.count("\n") == 1
+    proc = _irgl("build", "--config", str(tmp_path / "nope.yaml"))
+    assert proc.returncode == 2 and "nope.yaml: config file not found" in proc.stderr
+    # An OUT built with another generation config is refused before anything loads.
+    out = tmp_path / "out"
+    (out / "state").mkdir(parents=True)
+    (out / "state" / "build.json").write_text(json.dumps({"generation_hash": "0123456789abcdef"}))
+    (tmp_path / "p.txt").write_text("a cat\n")
+    proc = _irgl("build", "--prompts", str(tmp_path / "p.txt"), "--out", str(out))
+    assert proc.returncode == 2 and "different generation config" in proc.stderr and "--force" in proc.stderr
+    assert proc.stderr.count("\n") == 1
+    # A dataset directory that irgl build did not start.
+    foreign = tmp_path / "foreign"
+    (foreign / "data").mkdir(parents=True)
+    proc = _irgl("build", "--prompts", str(tmp_path / "p.txt"), "--out", str(foreign))
+    assert proc.returncode == 2 and "did not start" in proc.stderr
+
+
+@pytest.mark.parametrize("rate", [1.5, -0.1])
+def test_fault_rate_must_be_a_share(rate: float) -> None:
+    data = yaml.safe_load(TINY.read_text())
+    data["fault_injection"] = {"think": rate}
+    with pytest.raises(ValueError, match="fault_injection"):
+        BuildConfig.model_validate(data)
