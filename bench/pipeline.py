@@ -4,9 +4,9 @@
 
 1. Pipeline: the tiny preset on N generated prompts through `pipeline.build.build(executor="ray")` (fresh OUT),
    then through `executor="local"` (plain loop: the same stage classes, one after the other, in this process).
-   Prints wall times and their ratio ray/sequential (goal <= 0.8x: pipelining must beat its overhead), and the
-   peak memory of each run: the machine's used memory above its level before the run, sampled every 0.2 s
-   (Ray workers are not children of this process, so its own RSS would under-count) (goal <= 8 GB).
+   Each run is a child process in its own session. Prints wall times and their ratio ray/sequential (goal <= 0.8x:
+   pipelining must beat its overhead), and each run's peak RSS summed over every process of its session (the
+   build, local Ray, all workers), sampled every 0.2 s (goal <= 8 GB).
 2. vLLM stage vs bare vLLM: ThinkStage on one VLLMTextEngine over the same N prompts vs `LLM.chat` called
    directly on that engine's `vllm.LLM` with the same sampling parameters (goal >= 0.95x).
 Engine start-up is part of both pipeline runs (both start the same engines).
@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -32,31 +31,22 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-class PeakMemory:
-    """Peak of (used memory - used memory at start) over the `with` block, sampled in a thread."""
+def session_rss(sid: int) -> int:
+    """Resident memory of every process in session `sid`: the build, its local Ray and all Ray workers."""
+    import psutil
 
-    def __enter__(self) -> PeakMemory:
-        import psutil
-
-        self._psutil = psutil
-        self.base = psutil.virtual_memory().used
-        self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-        return self
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            self.peak = max(self.peak, self._psutil.virtual_memory().used - self.base)
-            time.sleep(0.2)
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+    total = 0
+    for q in psutil.process_iter():
+        try:
+            if os.getsid(q.pid) == sid:
+                total += q.memory_info().rss
+        except (psutil.Error, ProcessLookupError):
+            pass
+    return total
 
 
-def bench_pipeline(n: int) -> None:
+def run_one(executor: str, n: int, out: str) -> None:
+    """Child process: one build with `executor`; prints its wall time and trajectory count."""
     import yaml
 
     from pipeline.build import build
@@ -65,23 +55,32 @@ def bench_pipeline(n: int) -> None:
     data = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     data["prompts"] = {"kind": "generator", "generator_count": n, "generator_seed": 1}
     cfg = BuildConfig.model_validate(data)
+    t0 = time.perf_counter()
+    result = build(cfg, Path(out), executor=executor)
+    print(f"RESULT {time.perf_counter() - t0:.2f} {result.stage_counts['assemble']['ok']}", flush=True)
+
+
+def bench_pipeline(n: int) -> None:
+    """Each executor in its own process session; peak RSS summed over the session, sampled every 0.2 s."""
+    import subprocess
+
     times, peaks = {}, {}
     for executor in ("ray", "local"):
-        out = Path(tempfile.mkdtemp(prefix=f"irgl-bench-{executor}-"))
-        with PeakMemory() as mem:
-            t0 = time.perf_counter()
-            result = build(cfg, out, executor=executor)
-            times[executor] = time.perf_counter() - t0
-        peaks[executor] = mem.peak
-        ok = result.stage_counts["assemble"]["ok"]
-        print(f"{executor:6s} {times[executor]:8.1f} s  {ok} trajectories  peak +{mem.peak / 2**30:.2f} GiB")
+        out = tempfile.mkdtemp(prefix=f"irgl-bench-{executor}-")
+        cmd = [sys.executable, __file__, "--run-one", executor, "--prompts", str(n), "--out", out]
+        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        peak = 0
+        while proc.poll() is None:
+            peak = max(peak, session_rss(proc.pid))
+            time.sleep(0.2)
+        line = [x for x in proc.stdout.read().decode().splitlines() if x.startswith("RESULT")]
+        assert proc.returncode == 0 and line, f"{executor} build failed"
+        wall, ok = line[0].split()[1:]
+        times[executor], peaks[executor] = float(wall), peak
+        print(f"{executor:6s} {float(wall):8.1f} s  {ok} trajectories  peak RSS {peak / 2**30:.2f} GiB")
         shutil.rmtree(out)
-        if executor == "ray":
-            import ray
-
-            ray.shutdown()
     print(f"pipeline ray/sequential wall time: {times['ray'] / times['local']:.2f}x (goal <= 0.8x)")
-    print(f"peak memory: ray +{peaks['ray'] / 2**30:.2f} GiB, sequential +{peaks['local'] / 2**30:.2f} GiB (goal <= 8)")
+    print(f"peak RSS: ray {peaks['ray'] / 2**30:.2f} GiB, sequential {peaks['local'] / 2**30:.2f} GiB (goal <= 8)")
 
 
 def bench_vllm_stage(n: int) -> None:
@@ -138,7 +137,12 @@ def main() -> None:
     ap.add_argument("--prompts", type=int, default=64)
     ap.add_argument("--skip-vllm", action="store_true")
     ap.add_argument("--skip-pipeline", action="store_true")
+    ap.add_argument("--run-one", choices=["ray", "local"], help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.run_one:
+        run_one(args.run_one, args.prompts, args.out)
+        return
     if not args.skip_vllm:
         bench_vllm_stage(args.prompts)
     if not args.skip_pipeline:

@@ -8,9 +8,11 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli_hub import plan_command, publish_command  # light: their heavy imports are inside
+
 app = typer.Typer(
     name="irgl",
-    help="Build and check IRGL (Interleaving Reasoning Generation) datasets.",
+    help="Build, check, plan and publish IRGL (Interleaving Reasoning Generation) datasets.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -150,6 +152,9 @@ def report(
         _fail(f"{out}: not a directory written by irgl build (needs manifest.json and state/build.json)")
     typer.echo(f"report written to {write_report(out, samples)}")
 
+
+app.command("plan")(plan_command)
+app.command("publish")(publish_command)
 
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(models_app, name="models")

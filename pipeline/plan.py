@@ -282,28 +282,33 @@ def _lookup(model_id: str, table: list[tuple[str, float, str]], default: tuple[f
     return default
 
 
-def text_rate(model: TextModelConfig, res: ResourceConfig, role: str) -> tuple[float | None, str]:
-    """Trajectories/s of one vLLM engine for T1 (`role` think) or T2 (reflect), from the assumptions above."""
+def regex_max_chars(model: TextModelConfig, role: str) -> int:
+    """The longest text the structured-output regex of T1 (`role` think) or T2 (reflect) allows, in characters."""
     from schemas.reflection import reflection_regex_max_chars, think_regex_max_chars
 
-    if res.num_gpus < 1:
+    if role == "think":
+        return think_regex_max_chars(model.max_section_chars)
+    return reflection_regex_max_chars(model.max_section_chars)
+
+
+def text_rate(model: TextModelConfig, res: ResourceConfig, role: str) -> tuple[float | None, str]:
+    """Trajectories/s of one vLLM engine for T1 (`role` think) or T2 (reflect), from the assumptions above."""
+    if res.num_gpus <= 0:
         return None, "runs on CPU: no built-in figure (set resources.items_per_second)"
     if model.engine != "vllm":
         return None, "transformers engine: no built-in figure (set resources.items_per_second)"
     size = params_billions(model.model)
     size_note = f"{size:g}B" if size else f"size unknown, {DEFAULT_PARAMS_BILLIONS:g}B assumed"
     size = size or DEFAULT_PARAMS_BILLIONS
-    gpus = min(model.tensor_parallel_size, int(res.num_gpus))
+    gpus = min(float(model.tensor_parallel_size), res.num_gpus)  # a fraction of a GPU gets that share
     tokens_per_s = VLLM_TOKENS_PER_GPU_SECOND_X_BILLIONS / size * gpus
     if model.structured:
-        limit = think_regex_max_chars(model.max_section_chars) if role == "think" else None
-        limit = limit or reflection_regex_max_chars(model.max_section_chars)
-        tokens = min(model.max_tokens, MEAN_FILL * limit / CHARS_PER_TOKEN)
+        tokens = min(model.max_tokens, MEAN_FILL * regex_max_chars(model, role) / CHARS_PER_TOKEN)
     else:
         tokens = MEAN_FILL * model.max_tokens
     rate = tokens_per_s / tokens
     return rate, (
-        f"assumed: vLLM {size_note} on {gpus} GPU(s) ~{tokens_per_s:,.0f} output tok/s, ~{tokens:,.0f} tok/item"
+        f"assumed: vLLM {size_note} on {gpus:g} GPU(s) ~{tokens_per_s:,.0f} output tok/s, ~{tokens:,.0f} tok/item"
     )
 
 
@@ -467,8 +472,6 @@ def make_plan(
 def _config_warnings(cfg: BuildConfig) -> list[str]:
     """Requests that fail or waste GPUs whatever the cluster: vLLM parallelism vs GPUs per actor, token budgets
     the structured-output regex can exceed, image sizes the official trainer rejects, models left on CPU."""
-    from schemas.reflection import reflection_regex_max_chars, think_regex_max_chars
-
     out = []
     for name in ("think", "reflect"):
         stage = getattr(cfg, name)
@@ -482,8 +485,7 @@ def _config_warnings(cfg: BuildConfig) -> list[str]:
         elif m.engine == "vllm" and r.num_gpus > tp:
             out.append(f"{name}: resources.num_gpus={r.num_gpus:g} > tensor_parallel_size={tp}: GPUs left idle")
         if m.structured:
-            limit = think_regex_max_chars(m.max_section_chars) if name == "think" else None
-            limit = limit or reflection_regex_max_chars(m.max_section_chars)
+            limit = regex_max_chars(m, name)
             if m.max_tokens < limit:
                 out.append(
                     f"{name}: max_tokens={m.max_tokens} < {limit} characters the regex allows: long outputs are cut "

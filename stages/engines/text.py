@@ -110,6 +110,7 @@ class VLLMTextEngine(TextEngine):
     def __init__(self, cfg: TextModelConfig) -> None:
         super().__init__(cfg)
         self._llm: Any = None
+        self._structured: dict[str, Any] = {}
 
     def setup(self) -> None:
         """Start the vLLM engine once; a second call is a no-op."""
@@ -144,7 +145,10 @@ class VLLMTextEngine(TextEngine):
 
         structured = None
         if request.regex is not None and self.cfg.structured:
-            structured = StructuredOutputsParams(regex=request.regex)
+            # One params object per regex: every request of a batch shares the same compiled-grammar key.
+            structured = self._structured.get(request.regex)
+            if structured is None:
+                structured = self._structured[request.regex] = StructuredOutputsParams(regex=request.regex)
         return SamplingParams(
             temperature=self.cfg.temperature,
             top_p=self.cfg.top_p,
