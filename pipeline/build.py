@@ -69,9 +69,9 @@ class StageSpec:
         return self.cls(**self.kwargs)
 
 
-def stage_graph(cfg: BuildConfig, fault_rates: dict[str, float] | None = None) -> list[StageSpec]:
-    """The stages in execution order for the configured strategy."""
-    f = fault_rates or {}
+def stage_graph(cfg: BuildConfig) -> list[StageSpec]:
+    """The stages in execution order for the configured strategy (with the config's fault injection, if any)."""
+    f = cfg.fault_injection
     think = StageSpec(
         "think", ThinkStage, {"model": cfg.think.model, "strategy": cfg.strategy, "fault_rate": f.get("think", 0.0)},
         cfg.think.resources,
@@ -365,21 +365,30 @@ class BuildResult:
 
 
 def check_out_dir(out: Path, cfg: BuildConfig, force: bool) -> None:
-    """Refuse an OUT that holds a different build (other generation hash) unless forced."""
+    """Refuse an OUT that holds a different build (other generation hash) unless forced; with --force, drop the
+    earlier build's units so that none of its trajectories or rejects can mix with the new ones."""
     state = out / STATE_DIR / BUILD_STATE
+    foreign = False
     if state.is_file():
         try:
             previous = json.loads(state.read_text()).get("generation_hash")
         except json.JSONDecodeError:
             previous = None
-        if previous != cfg.generation_hash() and not force:
+        foreign = previous != cfg.generation_hash()
+        if foreign and not force:
             raise BuildError(
                 f"{out}: holds a build with a different generation config (hash {previous} != "
                 f"{cfg.generation_hash()}); use a new --out directory or --force to rebuild it"
             )
-    elif out.exists() and any(out.iterdir()) and not force:
-        if (out / "manifest.json").exists() or (out / "data").exists():
+    elif (out / "manifest.json").exists() or (out / "data").exists():
+        foreign = True
+        if not force:
             raise BuildError(f"{out}: holds a dataset that irgl build did not start; use a new --out or --force")
+    if foreign:
+        import shutil
+
+        for sub in ("trajectories", "rejects", f"{STATE_DIR}/units"):
+            shutil.rmtree(out / sub, ignore_errors=True)
 
 
 def stage_counts(rows: Iterable[dict[str, Any]], order: list[str]) -> dict[str, dict[str, int]]:
@@ -408,7 +417,6 @@ def build(
     executor: str = "ray",
     address: str | None = None,
     force: bool = False,
-    fault_rates: dict[str, float] | None = None,
     progress: Any = None,
     stages: list[Stage] | None = None,
 ) -> BuildResult:
@@ -454,7 +462,7 @@ def build(
         len(rows), len(by_unit), skipped, len(expected), sum(len(m.get("failed_ids", [])) for m in markers.values()),
     )  # fmt: skip
 
-    specs = stage_graph(cfg, {**cfg.fault_injection, **(fault_rates or {})})
+    specs = stage_graph(cfg)
     if stages is not None:
         if executor != "local" or [s.name for s in stages] != [s.name for s in specs]:
             raise BuildError("stages= needs executor='local' and one stage object per graph step, in order")

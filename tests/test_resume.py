@@ -243,3 +243,25 @@ def test_fault_rate_must_be_a_share(rate: float) -> None:
     data["fault_injection"] = {"think": rate}
     with pytest.raises(ValueError, match="fault_injection"):
         BuildConfig.model_validate(data)
+
+
+def test_force_replaces_a_build_with_another_config(
+    tmp_path: Path, vlm_engine, image_engine, clip_scorer, tiny_vlm_config
+) -> None:
+    from pipeline.build import BuildError
+
+    data = yaml.safe_load(TINY.read_text())
+    data["prompts"] = {"kind": "generator", "generator_count": 2, "generator_seed": 1}
+    first = BuildConfig.model_validate(data)
+    second = BuildConfig.model_validate({**data, "seed": 1})
+    out = tmp_path / "out"
+    stages = session_stages(first, tiny_vlm_config, vlm_engine, image_engine, clip_scorer)
+    build(first, out, executor="local", stages=stages)
+    old_ids = set(pq.read_table(out / "trajectories", columns=["id"]).column("id").to_pylist())
+    with pytest.raises(BuildError, match="different generation config"):
+        build(second, out, executor="local", stages=stages)
+    build(second, out, executor="local", stages=stages, force=True)
+    new_ids = set(pq.read_table(out / "trajectories", columns=["id"]).column("id").to_pylist())
+    assert len(new_ids) == 2 and not new_ids & old_ids
+    assert verify(out) == []
+    assert json.loads((out / "state" / "build.json").read_text())["generation_hash"] == second.generation_hash()
