@@ -118,17 +118,20 @@ def bench_vllm_stage(n: int) -> None:
     ]  # fmt: skip
     engine._llm.chat(messages[:2], sampling_params=params[:2], use_tqdm=False)  # warm-up (grammar compile)
     best_stage = best_bare = float("inf")
-    for _ in range(3):
-        b = {k: list(v) for k, v in batch.items()}
-        t0 = time.perf_counter()
-        stage(b)
-        best_stage = min(best_stage, time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        outs = engine._llm.chat(messages, sampling_params=params, use_tqdm=False)
-        best_bare = min(best_bare, time.perf_counter() - t0)
+    for rep in range(6):
+        # Alternate which side runs first: the second run of a pair finds the prompts in vLLM's prefix cache.
+        for side in ("stage", "bare") if rep % 2 == 0 else ("bare", "stage"):
+            t0 = time.perf_counter()
+            if side == "stage":
+                b = {k: list(v) for k, v in batch.items()}
+                stage(b)
+                best_stage = min(best_stage, time.perf_counter() - t0)
+            else:
+                outs = engine._llm.chat(messages, sampling_params=params, use_tqdm=False)
+                best_bare = min(best_bare, time.perf_counter() - t0)
     assert b["t1"] == [o.outputs[0].text.strip() for o in outs], "stage and bare vLLM must produce the same text"
-    print(f"vLLM think stage {best_stage:.2f} s vs bare LLM.chat {best_bare:.2f} s on {n} prompts (best of 3): "
-          f"throughput ratio {best_bare / best_stage:.2f}x (goal >= 0.95x)")  # fmt: skip
+    print(f"vLLM think stage {best_stage:.2f} s vs bare LLM.chat {best_bare:.2f} s on {n} prompts "
+          f"(best of 6, alternating): throughput ratio {best_bare / best_stage:.2f}x (goal >= 0.95x)")  # fmt: skip
     engine.close()
 
 

@@ -85,6 +85,28 @@ class Stage:
         return results
 
 
+class ModelStage(Stage):
+    """A stage that owns a model engine: built from `cfg` in `setup()` unless an already set-up engine is given
+    (engines may be shared between stages and builds in one process: tests, notebooks)."""
+
+    def __init__(self, model: Any, fault_rate: float = 0.0, engine: Any = None) -> None:
+        super().__init__(fault_rate)
+        self.cfg = model
+        self.engine: Any = engine
+
+    def make_engine(self) -> Any:
+        """Construct and set up the engine for `self.cfg` (imports of heavy libraries happen here)."""
+        raise NotImplementedError
+
+    def setup(self) -> None:
+        if self.engine is None:
+            self.engine = self.make_engine()
+
+    @property
+    def model_name(self) -> str | None:
+        return self.cfg.model  # the configured name (Hub id or tiny:...), not a machine-specific path
+
+
 def mark(batch: Batch, i: int, stage: str, status: str, reason: str) -> None:
     """Set a row's outcome (filtered/failed) with the stage and reason."""
     assert status in (FILTERED, FAILED)

@@ -10,10 +10,11 @@ from typing import Any
 
 from schemas.config import ImageEncodingConfig, ImageModelConfig
 from schemas.work import Batch, stage_seed
-from stages.base import Stage, StageError, encode_image
+from stages.base import ModelStage, StageError, encode_image
+from stages.engines import open_image_engine
 
 
-class DrawStage(Stage):
+class DrawStage(ModelStage):
     def __init__(
         self,
         model: ImageModelConfig,
@@ -23,29 +24,17 @@ class DrawStage(Stage):
         fault_rate: float = 0.0,
         engine: Any = None,
     ) -> None:
-        super().__init__(fault_rate)
+        super().__init__(model, fault_rate, engine)
         if role not in ("initial", "refined"):
             raise ValueError(f"role must be 'initial' or 'refined', got {role!r}")
-        self.cfg = model
         self.role = role
         self.strategy = strategy
         self.encoding = encoding
         self.name = f"draw_{role}"
         self.column = "i1" if role == "initial" else "i2"
-        self.engine: Any = engine  # an already set-up engine may be shared (tests, one process)
 
-    def setup(self) -> None:
-        if self.engine is not None:
-            return
-        from stages.engines.image import DiffusersImageEngine
-        from stages.tiny import resolve_image
-
-        self.engine = DiffusersImageEngine(resolve_image(self.cfg))
-        self.engine.setup()
-
-    @property
-    def model_name(self) -> str | None:
-        return self.cfg.model  # the configured name (Hub id or tiny:...), not a local path
+    def make_engine(self) -> Any:
+        return open_image_engine(self.cfg)
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         forward_refine = self.role == "refined" and self.strategy == "forward"

@@ -11,7 +11,8 @@ from typing import Any
 from schemas.config import TextModelConfig
 from schemas.reflection import HEADINGS, ReflectionError, parse_reflection, reflection_regex, strip_think
 from schemas.work import Batch, stage_seed
-from stages.base import Stage, StageError
+from stages.base import ModelStage, StageError
+from stages.engines import open_text_engine
 
 
 def reflect_instruction(prompt: str, t1: str) -> str:
@@ -37,29 +38,17 @@ def reflect_instruction_hindsight(prompt: str) -> str:
     )
 
 
-class ReflectStage(Stage):
+class ReflectStage(ModelStage):
     name = "reflect"
 
     def __init__(
         self, model: TextModelConfig, strategy: str = "forward", fault_rate: float = 0.0, engine: Any = None
     ) -> None:
-        super().__init__(fault_rate)
-        self.cfg = model
+        super().__init__(model, fault_rate, engine)
         self.strategy = strategy
-        self.engine: Any = engine  # an already set-up engine may be shared (tests, one process)
 
-    def setup(self) -> None:
-        if self.engine is not None:
-            return
-        from stages.engines.text import make_text_engine
-        from stages.tiny import resolve_text
-
-        self.engine = make_text_engine(resolve_text(self.cfg))
-        self.engine.setup()
-
-    @property
-    def model_name(self) -> str | None:
-        return self.cfg.model  # the configured name (Hub id or tiny:...), not a local path
+    def make_engine(self) -> Any:
+        return open_text_engine(self.cfg)
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         from stages.engines.text import TextRequest

@@ -9,7 +9,8 @@ from typing import Any
 
 from schemas.config import ScoreConfig
 from schemas.work import FILTERED, Batch
-from stages.base import Stage, StageError
+from stages.base import ModelStage, StageError
+from stages.engines import open_scorer
 
 
 def verdict(clip_i1: float, clip_i2: float, clip_i1_i2: float, cfg: ScoreConfig) -> tuple[bool, str]:
@@ -26,34 +27,19 @@ def verdict(clip_i1: float, clip_i2: float, clip_i1_i2: float, cfg: ScoreConfig)
     return True, f"clip(I2)={clip_i2:.4f}, gain={gain:+.4f}, sim(I1,I2)={clip_i1_i2:.4f}"
 
 
-class ScoreStage(Stage):
+class ScoreStage(ModelStage):
     name = "score"
 
-    def __init__(self, model: ScoreConfig, fault_rate: float = 0.0, engine: Any = None) -> None:
-        super().__init__(fault_rate)
-        self.cfg = model
-        self.scorer: Any = engine  # an already set-up engine may be shared (tests, one process)
-
-    def setup(self) -> None:
-        if self.scorer is not None:
-            return
-        from stages.engines.clip import ClipScorer
-        from stages.tiny import resolve_score
-
-        self.scorer = ClipScorer(resolve_score(self.cfg))
-        self.scorer.setup()
-
-    @property
-    def model_name(self) -> str | None:
-        return self.cfg.model  # the configured name (Hub id or tiny:...), not a local path
+    def make_engine(self) -> Any:
+        return open_scorer(self.cfg)
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         prompts = [batch["prompt"][i] for i in rows]
         i1 = [batch["i1"][i] for i in rows]
         i2 = [batch["i2"][i] for i in rows]
-        s1 = self.scorer.text_image(prompts, i1)
-        s2 = self.scorer.text_image(prompts, i2)
-        s12 = self.scorer.image_image(i1, i2)
+        s1 = self.engine.text_image(prompts, i1)
+        s2 = self.engine.text_image(prompts, i2)
+        s12 = self.engine.image_image(i1, i2)
         return list(zip(s1, s2, s12, strict=True))
 
     def store(self, batch: Batch, i: int, result: Any) -> None:

@@ -1,3 +1,35 @@
 """Model engines behind small interfaces: text/VLM generation (vLLM, transformers), image generation (diffusers),
 image-text scoring (open_clip). Stages depend on these interfaces, not on a model or engine. No ray imports here.
 """
+
+from typing import Any
+
+
+def open_text_engine(cfg: Any) -> Any:
+    """A set-up text engine for a TextModelConfig (`tiny:` names resolved to their local folders)."""
+    from stages.engines.text import make_text_engine
+    from stages.tiny import resolve_text
+
+    engine = make_text_engine(resolve_text(cfg))
+    engine.setup()
+    return engine
+
+
+def open_image_engine(cfg: Any) -> Any:
+    """A set-up diffusers engine for an ImageModelConfig."""
+    from stages.engines.image import DiffusersImageEngine
+    from stages.tiny import resolve_image
+
+    engine = DiffusersImageEngine(resolve_image(cfg))
+    engine.setup()
+    return engine
+
+
+def open_scorer(cfg: Any) -> Any:
+    """A set-up open_clip scorer for a ScoreConfig."""
+    from stages.engines.clip import ClipScorer
+    from stages.tiny import resolve_score
+
+    scorer = ClipScorer(resolve_score(cfg))
+    scorer.setup()
+    return scorer
