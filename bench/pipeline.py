@@ -5,8 +5,8 @@
 1. Pipeline: the tiny preset on N generated prompts through `pipeline.build.build(executor="ray")` (fresh OUT),
    then through `executor="local"` (plain loop: the same stage classes, one after the other, in this process).
    Each run is a child process in its own session. Prints wall times and their ratio ray/sequential (goal <= 0.8x:
-   pipelining must beat its overhead), and each run's peak RSS summed over every process of its session (the
-   build, local Ray, all workers), sampled every 0.2 s (goal <= 8 GB).
+   pipelining must beat its overhead), and each run's peak memory: PSS summed over every process of its session
+   (the build, local Ray, all workers), sampled every 0.2 s (goal <= 8 GB).
 2. vLLM stage vs bare vLLM: ThinkStage on one VLLMTextEngine over the same N prompts vs `LLM.chat` called
    directly on that engine's `vllm.LLM` with the same sampling parameters (goal >= 0.95x).
 Engine start-up is part of both pipeline runs (both start the same engines).
@@ -31,15 +31,17 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
 
-def session_rss(sid: int) -> int:
-    """Resident memory of every process in session `sid`: the build, its local Ray and all Ray workers."""
+def session_pss(sid: int) -> int:
+    """Proportional set size (PSS) summed over every process in session `sid`: the build, its local Ray and all
+    Ray workers. PSS splits shared pages (torch libraries mapped by every worker) between their users, so the sum
+    is the memory the session really holds; a sum of RSS would count those pages once per process."""
     import psutil
 
     total = 0
     for q in psutil.process_iter():
         try:
             if os.getsid(q.pid) == sid:
-                total += q.memory_info().rss
+                total += q.memory_full_info().pss
         except (psutil.Error, ProcessLookupError):
             pass
     return total
@@ -61,7 +63,7 @@ def run_one(executor: str, n: int, out: str) -> None:
 
 
 def bench_pipeline(n: int) -> None:
-    """Each executor in its own process session; peak RSS summed over the session, sampled every 0.2 s."""
+    """Each executor in its own process session; peak PSS summed over the session, sampled every 0.2 s."""
     import subprocess
 
     times, peaks = {}, {}
@@ -71,16 +73,16 @@ def bench_pipeline(n: int) -> None:
         proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
         peak = 0
         while proc.poll() is None:
-            peak = max(peak, session_rss(proc.pid))
+            peak = max(peak, session_pss(proc.pid))
             time.sleep(0.2)
         line = [x for x in proc.stdout.read().decode().splitlines() if x.startswith("RESULT")]
         assert proc.returncode == 0 and line, f"{executor} build failed"
         wall, ok = line[0].split()[1:]
         times[executor], peaks[executor] = float(wall), peak
-        print(f"{executor:6s} {float(wall):8.1f} s  {ok} trajectories  peak RSS {peak / 2**30:.2f} GiB")
+        print(f"{executor:6s} {float(wall):8.1f} s  {ok} trajectories  peak PSS {peak / 2**30:.2f} GiB")
         shutil.rmtree(out)
     print(f"pipeline ray/sequential wall time: {times['ray'] / times['local']:.2f}x (goal <= 0.8x)")
-    print(f"peak RSS: ray {peaks['ray'] / 2**30:.2f} GiB, sequential {peaks['local'] / 2**30:.2f} GiB (goal <= 8)")
+    print(f"peak PSS: ray {peaks['ray'] / 2**30:.2f} GiB, sequential {peaks['local'] / 2**30:.2f} GiB (goal <= 8)")
 
 
 def bench_vllm_stage(n: int) -> None:

@@ -9,10 +9,11 @@ from pathlib import Path
 import typer
 
 from pipeline.cli_hub import plan_command, publish_command  # light: their heavy imports are inside
+from pipeline.cli_train import train_command
 
 app = typer.Typer(
     name="irgl",
-    help="Build, check, plan and publish IRGL (Interleaving Reasoning Generation) datasets.",
+    help="Build, check, plan, publish and train on IRGL (Interleaving Reasoning Generation) datasets.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -155,6 +156,7 @@ def report(
 
 app.command("plan")(plan_command)
 app.command("publish")(publish_command)
+app.command("train")(train_command)
 
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(models_app, name="models")

@@ -1,0 +1,142 @@
+"""The IRGL trainer on CPU: real Ray Train (2 workers, gloo), the tiny Janus built offline, a synthetic dataset.
+
+Ray Train runs are the expensive part (~30-50 s each on 2 shared cores), so one module-scoped uninterrupted run
+("all": stage 1 then stage 2) serves the loss, stage-2-modes and resume-comparison tests.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from schemas.modes import FULL_MODES, MODES
+
+STAGE1_STEPS = 40
+STAGE2_STEPS = 20
+
+
+def _config(output: Path, **overrides: object) -> object:
+    from trainer.config import load_train_config
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "train_tiny.yaml"
+    values = {
+        "output_dir": str(output),
+        "stage1.steps": STAGE1_STEPS,
+        "stage2.steps": STAGE2_STEPS,
+        "stage1.lr": 3e-3,
+        "stage2.lr": 3e-3,
+        "checkpoint_every": 10,
+        "log_every": 5,
+        **overrides,
+    }
+    return load_train_config(base, values)
+
+
+@pytest.fixture(scope="module")
+def tiny_dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from pipeline.shards import write_dataset
+    from pipeline.synthetic import synthetic_trajectories
+
+    out = tmp_path_factory.mktemp("trainer-data") / "ds"
+    write_dataset(out, synthetic_trajectories(4))
+    return out
+
+
+@pytest.fixture(scope="module")
+def adapter() -> object:
+    from trainer.model import load_adapter
+    from trainer.tiny_janus import resolve_model
+
+    return load_adapter("janus", resolve_model("tiny:janus"))
+
+
+@pytest.fixture(scope="module")
+def full_run(ray_session: object, tiny_dataset: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    from trainer.train import train
+
+    out = tmp_path_factory.mktemp("trainer-run")
+    cfg = _config(out)
+    results = train(cfg, tiny_dataset, stage="all")
+    return {"out": out, "results": results, "cfg": cfg}
+
+
+def _metrics(path: Path) -> list[dict]:
+    return [r for r in map(json.loads, path.read_text().splitlines()) if "step" in r and "event" not in r]
+
+
+def _records(stage_dir: Path) -> dict[int, list[str]]:
+    """step -> ids consumed by all ranks, from the last run attempt of each rank (after its last 'start')."""
+    steps: dict[int, list[str]] = {}
+    for path in sorted((stage_dir / "records").glob("rank-*.jsonl")):
+        lines = [json.loads(x) for x in path.read_text().splitlines()]
+        last_start = max(i for i, r in enumerate(lines) if r.get("event") == "start")
+        for r in lines[last_start + 1 :]:
+            steps.setdefault(r["step"], []).extend(i for p in r["packs"] for i in p["ids"])
+    return steps
+
+
+def _mode_of(record_id: str) -> str:
+    return MODES[int(record_id.rsplit("_m", 1)[1]) - 1].name
+
+
+def test_training_lowers_text_and_image_loss(full_run: dict) -> None:
+    out = full_run["out"]
+    first = _metrics(out / "stage1" / "metrics.jsonl")[0]
+    last = _metrics(out / "stage2" / "metrics.jsonl")[-1]
+    assert first["step"] == 5 and last["step"] == STAGE2_STEPS
+    assert last["text_loss"] < 0.5 * first["text_loss"], (first["text_loss"], last["text_loss"])
+    assert last["image_loss"] < 0.5 * first["image_loss"], (first["image_loss"], last["image_loss"])
+    # Per-mode losses are logged: stage 1 saw every mode, the image loss only in the full modes.
+    stage1 = _metrics(out / "stage1" / "metrics.jsonl")
+    seen = {k.split("/", 1)[1] for r in stage1 for k in r if k.startswith("text_loss/")}
+    assert seen == {m.name for m in MODES}
+    images = {k.split("/", 1)[1] for r in stage1 for k in r if k.startswith("image_loss/")}
+    assert images == set(FULL_MODES)
+    # The export loads back through from_pretrained.
+    from transformers import JanusForConditionalGeneration
+
+    model = JanusForConditionalGeneration.from_pretrained(full_run["results"]["2"].final_dir)
+    assert model.config.vq_config.num_embeddings == 64
+
+
+def test_stage2_consumes_only_full_modes(full_run: dict) -> None:
+    out = full_run["out"]
+    stage1 = _records(out / "stage1")
+    stage2 = _records(out / "stage2")
+    assert sorted(stage1) == list(range(1, STAGE1_STEPS + 1))
+    assert sorted(stage2) == list(range(1, STAGE2_STEPS + 1))
+    modes2 = {_mode_of(i) for ids in stage2.values() for i in ids}
+    modes1 = {_mode_of(i) for ids in stage1.values() for i in ids}
+    assert modes2 == set(FULL_MODES)
+    assert modes1 == {m.name for m in MODES}
+    # Stage 2 started from stage 1's export.
+    marker = json.loads((full_run["results"]["2"].final_dir / "irgl_train.json").read_text())
+    assert marker["init"] == str(full_run["results"]["1"].final_dir)
+
+
+def test_killed_run_resumes_at_checkpoint_with_same_data_order(
+    full_run: dict, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    from trainer.train import TrainError, latest_checkpoint, train
+
+    crash_at = 20
+    cfg = _config(tmp_path, fail_after_step=crash_at)
+    import ray.train
+
+    with pytest.raises(ray.train.TrainingFailedError):  # every worker is SIGKILLed after step 20's checkpoint
+        train(cfg, tiny_dataset, stage="1")
+    ckpt = latest_checkpoint(cfg, "1")
+    assert ckpt is not None and json.loads((ckpt / "irgl_state.json").read_text())["step"] == crash_at
+    with pytest.raises(TrainError, match="pass resume"):
+        train(cfg, tiny_dataset, stage="1")
+    resumed_cfg = _config(tmp_path)  # the same run, without the fault injection
+    result = train(resumed_cfg, tiny_dataset, stage="1", resume=True)["1"]
+    assert result.steps == STAGE1_STEPS
+    starts = [json.loads(x) for x in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    assert [s["step"] for s in starts] == [0, crash_at]
+    after = _records(tmp_path / "stage1")
+    assert sorted(after) == list(range(crash_at + 1, STAGE1_STEPS + 1))
+    uninterrupted = _records(full_run["out"] / "stage1")
+    assert {s: after[s] for s in after} == {s: uninterrupted[s] for s in after}

@@ -1,0 +1,179 @@
+"""Trainer configuration: pydantic models (unknown fields are errors, every field described), loaded from YAML.
+
+One file describes both IRGL stages: which modes each stage mixes and with what weight, the optimiser schedule of
+each stage, the model, packing, checkpointing and how Ray Train runs the workers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from schemas.config import ConfigError
+from schemas.modes import FULL_MODES, MODES_BY_NAME
+
+
+class _Strict(BaseModel):
+    """Base of every trainer config model: unknown or mistyped fields fail loudly instead of being ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class StageConfig(_Strict):
+    """One IRGL training stage: its mode mixture and its optimiser schedule."""
+
+    modes: dict[str, float] = Field(
+        ...,
+        description="Mode name -> sampling weight. The next record comes from mode m with probability "
+        "w_m / sum(w); a mode with weight 0 or left out is not trained on.",
+    )
+    steps: int = Field(..., ge=1, description="Optimiser steps of this stage.")
+    lr: float = Field(2e-5, gt=0, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(0, ge=0, description="Linear warm-up from 0 to `lr` over this many steps.")
+    schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="Learning rate after warm-up: constant, or cosine decay to `min_lr_ratio * lr`."
+    )
+    min_lr_ratio: float = Field(0.1, ge=0, le=1, description="Floor of the cosine schedule as a fraction of `lr`.")
+
+    @field_validator("modes")
+    @classmethod
+    def _known_modes(cls, value: dict[str, float]) -> dict[str, float]:
+        for name, weight in value.items():
+            if name not in MODES_BY_NAME:
+                raise ValueError(f"unknown mode {name!r}; modes are: {', '.join(MODES_BY_NAME)}")
+            if weight < 0:
+                raise ValueError(f"weight of {name} must be >= 0, got {weight}")
+        if not any(w > 0 for w in value.values()):
+            raise ValueError("at least one mode needs a weight > 0")
+        return value
+
+    def active_modes(self) -> dict[str, float]:
+        """Modes with a positive weight, in the order of the format (mode 1 .. 6), which fixes the sampling."""
+        return {name: self.modes[name] for name in MODES_BY_NAME if self.modes.get(name, 0) > 0}
+
+
+class EmaConfig(_Strict):
+    """Exponential moving average of the weights (exported next to the raw weights as `final_ema/`)."""
+
+    enabled: bool = Field(False, description="Keep an EMA of the trainable weights (DDP only).")
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimiser step.")
+
+
+class RayTrainConfig(_Strict):
+    """How Ray Train runs the workers. Resources come from here, never from the driver's hardware."""
+
+    address: str | None = Field(None, description="Ray address ('auto' for a cluster); None starts local Ray.")
+    num_workers: int = Field(2, ge=1, description="Training workers (one process, one model replica each).")
+    use_gpu: bool = Field(False, description="One GPU per worker (and bf16 autocast when precision is auto).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="CPUs Ray reserves per worker; fractions allowed.")
+    threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker (CPU training).")
+    backend: Literal["auto", "gloo", "nccl"] = Field(
+        "auto", description="torch.distributed backend; auto = nccl with GPUs, gloo without."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="DDP (replicated weights) or FSDP (sharded weights, for models that do not fit a GPU)."
+    )
+    max_failures: int = Field(
+        0, ge=-1, description="Worker-group restarts Ray Train attempts (from the latest checkpoint) before failing."
+    )
+    storage_path: str | None = Field(
+        None,
+        description="Where Ray Train persists checkpoints (a shared path or a URI on clusters); "
+        "default: <output_dir>/ray.",
+    )
+
+
+class TrainConfig(_Strict):
+    """The whole trainer config (configs/train_*.yaml)."""
+
+    model: str = Field(
+        ...,
+        description="Model to start from: a Hub id (deepseek-community/Janus-Pro-1B), a local folder or tiny:janus.",
+    )
+    adapter: Literal["janus"] = Field("janus", description="Model adapter: how records become model inputs.")
+    output_dir: str = Field("out/train", description="Logs, exports and (by default) checkpoints go here.")
+    seed: int = Field(0, description="Seed of the weights' random parts, the data order and the mixing draws.")
+    data_format: Literal["parquet", "webdataset"] = Field(
+        "parquet", description="Read data/<mode>/*.parquet or wds/<mode>/*.tar of the built dataset."
+    )
+    token_budget: int = Field(
+        4096, ge=16, description="Tokens per packed sequence (one micro-batch); longer records are skipped, counted."
+    )
+    grad_accum: int = Field(1, ge=1, description="Packed sequences per worker accumulated into one optimiser step.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: no clip).")
+    text_loss_weight: float = Field(1.0, ge=0, description="Weight of the text cross-entropy in the total loss.")
+    image_loss_weight: float = Field(1.0, ge=0, description="Weight of the image-token cross-entropy.")
+    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU.")
+    freeze_vision: bool = Field(
+        False, description="Freeze the understanding encoder (the VQ-VAE generation encoder is always frozen)."
+    )
+    gradient_checkpointing: bool = Field(False, description="Recompute LM activations in backward (saves memory).")
+    ema: EmaConfig = Field(EmaConfig(), description="Exponential moving average of the weights.")
+    checkpoint_every: int = Field(500, ge=1, description="Save a resumable checkpoint every N steps (and at the end).")
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints Ray Train keeps per stage (the latest ones).")
+    log_every: int = Field(10, ge=1, description="Write per-mode losses to metrics.jsonl every N steps.")
+    log_records: bool = Field(
+        True, description="Write the ids of the records each worker consumes per step (records/rank-NN.jsonl)."
+    )
+    tensorboard: bool = Field(True, description="Also write TensorBoard scalars when tensorboard is installed.")
+    stage1: StageConfig = Field(..., description="Stage 1: all six modes (full modes 1.0, thinking modes 0.5).")
+    stage2: StageConfig = Field(..., description="Stage 2: the two full modes only, starting from stage 1's export.")
+    ray: RayTrainConfig = Field(RayTrainConfig(), description="Ray Train workers and resources.")
+    fail_after_step: int | None = Field(
+        None,
+        ge=1,
+        description="Fault injection for crash/resume tests: every worker process is killed (SIGKILL) right "
+        "after this step's checkpoint. Never set it in real runs.",
+    )
+
+    @field_validator("stage2")
+    @classmethod
+    def _stage2_full_only(cls, value: StageConfig) -> StageConfig:
+        extra = [m for m in value.active_modes() if m not in FULL_MODES]
+        if extra:
+            raise ValueError(f"stage 2 trains the full modes only ({', '.join(FULL_MODES)}); remove {extra}")
+        return value
+
+    @model_validator(mode="after")
+    def _ema_ddp_only(self) -> TrainConfig:
+        if self.ema.enabled and self.ray.strategy == "fsdp":
+            raise ValueError("ema.enabled is supported with ray.strategy ddp only")
+        return self
+
+    def stage(self, name: str) -> StageConfig:
+        """The config of stage "1" or "2"."""
+        return {"1": self.stage1, "2": self.stage2}[name]
+
+
+def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
+    """Load a YAML trainer config, apply dotted-key overrides, validate; raise ConfigError naming file and field."""
+    import yaml
+    from pydantic import ValidationError
+
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping")
+    for key, value in (overrides or {}).items():
+        node = data
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    try:
+        return TrainConfig.model_validate(data)
+    except ValidationError as exc:
+        lines = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"])
+            lines.append(f"{path}: field '{loc}': {err['msg']}")
+        raise ConfigError("\n".join(lines)) from exc
