@@ -168,11 +168,14 @@ def models_tiny(
         None, "--dir", help="Where to build (default: $IRGL_TINY_DIR or ~/.cache/irgl/tiny)."
     ),
 ) -> None:
-    """Build the deterministic tiny models (Qwen2 LLM, Qwen2-VL VLM, SD-style pipeline, open_clip) offline."""
-    from stages.tiny import build_all
+    """Build the deterministic tiny models offline: Qwen2 LLM, Qwen2-VL VLM, SD-style pipeline, open_clip (the
+    builder's) and Janus (the trainer's)."""
+    from stages.tiny import build_all, tiny_root
+    from trainer.tiny_janus import build_tiny_janus
 
     for name, path in build_all(directory).items():
         typer.echo(f"{name:12s} {path}")
+    typer.echo(f"{'janus':12s} {build_tiny_janus(tiny_root(directory))}")
 
 
 def main() -> None:

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from pathlib import Path
+from typing import Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+M = TypeVar("M", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
@@ -206,10 +209,9 @@ class ConfigError(ValueError):
     """A config file is missing, unreadable or invalid. The message names the file and the field."""
 
 
-def load_build_config(path: str, overrides: dict | None = None) -> BuildConfig:
-    """Load a YAML build config, apply dotted-key overrides, validate; raise ConfigError naming file and field."""
-    from pathlib import Path
-
+def load_yaml_model(path: str | Path, model: type[M], overrides: dict | None = None) -> M:
+    """Load a YAML file into a pydantic model, apply dotted-key overrides, validate; raise ConfigError naming the
+    file and every bad field (`file: field 'a.b.c': reason`). Shared by the build and trainer configs."""
     import yaml
     from pydantic import ValidationError
 
@@ -229,10 +231,15 @@ def load_build_config(path: str, overrides: dict | None = None) -> BuildConfig:
             node = node.setdefault(part, {})
         node[leaf] = value
     try:
-        return BuildConfig.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as exc:
         lines = []
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"])
             lines.append(f"{path}: field '{loc}': {err['msg']}")
         raise ConfigError("\n".join(lines)) from exc
+
+
+def load_build_config(path: str | Path, overrides: dict | None = None) -> BuildConfig:
+    """Load and validate a build config YAML (see load_yaml_model)."""
+    return load_yaml_model(path, BuildConfig, overrides)

@@ -11,7 +11,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.config import ConfigError
+from schemas.config import load_yaml_model
 from schemas.modes import FULL_MODES, MODES_BY_NAME
 
 
@@ -150,30 +150,5 @@ class TrainConfig(_Strict):
 
 
 def load_train_config(path: str | Path, overrides: dict | None = None) -> TrainConfig:
-    """Load a YAML trainer config, apply dotted-key overrides, validate; raise ConfigError naming file and field."""
-    import yaml
-    from pydantic import ValidationError
-
-    p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except (yaml.YAMLError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"{path}: not valid YAML ({exc})") from exc
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: the top level must be a mapping")
-    for key, value in (overrides or {}).items():
-        node = data
-        *parents, leaf = key.split(".")
-        for part in parents:
-            node = node.setdefault(part, {})
-        node[leaf] = value
-    try:
-        return TrainConfig.model_validate(data)
-    except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"])
-            lines.append(f"{path}: field '{loc}': {err['msg']}")
-        raise ConfigError("\n".join(lines)) from exc
+    """Load and validate a trainer config YAML; ConfigError names the file and each bad field."""
+    return load_yaml_model(path, TrainConfig, overrides)
