@@ -71,38 +71,22 @@ class StageSpec:
 
 def stage_graph(cfg: BuildConfig) -> list[StageSpec]:
     """The stages in execution order for the configured strategy (with the config's fault injection, if any)."""
-    f = cfg.fault_injection
-    think = StageSpec(
-        "think", ThinkStage, {"model": cfg.think.model, "strategy": cfg.strategy, "fault_rate": f.get("think", 0.0)},
-        cfg.think.resources,
-    )  # fmt: skip
-    draw_initial = StageSpec(
-        "draw_initial",
-        DrawStage,
-        {"model": cfg.draw_initial.model, "role": "initial", "strategy": cfg.strategy, "encoding": cfg.images,
-         "fault_rate": f.get("draw_initial", 0.0)},
-        cfg.draw_initial.resources,
-    )  # fmt: skip
-    reflect = StageSpec(
-        "reflect", ReflectStage,
-        {"model": cfg.reflect.model, "strategy": cfg.strategy, "fault_rate": f.get("reflect", 0.0)},
-        cfg.reflect.resources,
-    )  # fmt: skip
-    draw_refined = StageSpec(
-        "draw_refined",
-        DrawStage,
-        {"model": cfg.draw_refined.model, "role": "refined", "strategy": cfg.strategy, "encoding": cfg.images,
-         "fault_rate": f.get("draw_refined", 0.0)},
-        cfg.draw_refined.resources,
-    )  # fmt: skip
-    score = StageSpec(
-        "score", ScoreStage, {"model": cfg.score.model, "fault_rate": f.get("score", 0.0)}, cfg.score.resources
-    )
+
+    def spec(name: str, cls: type[Stage], stage_cfg: Any, **kwargs: Any) -> StageSpec:
+        kwargs = {"model": stage_cfg.model, "fault_rate": cfg.fault_injection.get(name, 0.0), **kwargs}
+        return StageSpec(name, cls, kwargs, stage_cfg.resources)
+
+    s = cfg.strategy
+    think = spec("think", ThinkStage, cfg.think, strategy=s)
+    draw_initial = spec("draw_initial", DrawStage, cfg.draw_initial, role="initial", strategy=s, encoding=cfg.images)
+    reflect = spec("reflect", ReflectStage, cfg.reflect, strategy=s)
+    draw_refined = spec("draw_refined", DrawStage, cfg.draw_refined, role="refined", strategy=s, encoding=cfg.images)
+    score = spec("score", ScoreStage, cfg.score)
+    options = ModeOptions(cfg.shards.t1_loss_improving)
     assemble = StageSpec(
-        "assemble", AssembleStage,
-        {"options": ModeOptions(cfg.shards.t1_loss_improving), "fault_rate": f.get("assemble", 0.0)},
-    )  # fmt: skip
-    if cfg.strategy == "hindsight":
+        "assemble", AssembleStage, {"options": options, "fault_rate": cfg.fault_injection.get("assemble", 0.0)}
+    )
+    if s == "hindsight":
         return [draw_initial, draw_refined, think, reflect, score, assemble]
     return [think, draw_initial, reflect, draw_refined, score, assemble]
 
