@@ -12,7 +12,7 @@ import pytest
 from schemas.config import PromptSourceConfig
 from stages.prompts import PromptSourceError, generate_prompts, load_prompts, normalize
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "prompts" / "geneval_metadata.jsonl"
+GENEVAL = Path(__file__).resolve().parent / "data" / "geneval_metadata.jsonl"  # the GenEval prompt set, 553 lines
 
 
 def test_txt_with_empty_lines_and_duplicates(tmp_path: Path) -> None:
@@ -54,7 +54,7 @@ def test_jsonl_hostile_lines(tmp_path: Path) -> None:
 
 
 def test_geneval_jsonl_and_limit() -> None:
-    prompts, report = load_prompts(PromptSourceConfig(kind="auto", path=str(SHARED)), limit=10)
+    prompts, report = load_prompts(PromptSourceConfig(kind="auto", path=str(GENEVAL)), limit=10)
     assert len(prompts) == 10 and prompts[0].text == "a photo of a bench"
     assert report.dropped["over_limit"] + report.dropped.get("duplicate", 0) + 10 == report.read
 
