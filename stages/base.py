@@ -13,6 +13,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
+from schemas.config import TextModelConfig
 from schemas.work import FAILED, FILTERED, OK, Batch, json_update
 
 
@@ -105,6 +106,21 @@ class ModelStage(Stage):
     @property
     def model_name(self) -> str | None:
         return self.cfg.model  # the configured name (Hub id or tiny:...), not a machine-specific path
+
+
+class TextStage(ModelStage):
+    """A stage that writes text with an LLM/VLM (T1, T2); `strategy` picks what it looks at."""
+
+    def __init__(
+        self, model: TextModelConfig, strategy: str = "forward", fault_rate: float = 0.0, engine: Any = None
+    ) -> None:
+        super().__init__(model, fault_rate, engine)
+        self.strategy = strategy
+
+    def make_engine(self) -> Any:
+        from stages.engines import open_text_engine
+
+        return open_text_engine(self.cfg)
 
 
 def mark(batch: Batch, i: int, stage: str, status: str, reason: str) -> None:

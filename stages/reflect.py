@@ -8,11 +8,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.config import TextModelConfig
 from schemas.reflection import HEADINGS, ReflectionError, parse_reflection, reflection_regex, strip_think
 from schemas.work import Batch, stage_seed
-from stages.base import ModelStage, StageError
-from stages.engines import open_text_engine
+from stages.base import StageError, TextStage
 
 
 def reflect_instruction(prompt: str, t1: str) -> str:
@@ -38,17 +36,8 @@ def reflect_instruction_hindsight(prompt: str) -> str:
     )
 
 
-class ReflectStage(ModelStage):
+class ReflectStage(TextStage):
     name = "reflect"
-
-    def __init__(
-        self, model: TextModelConfig, strategy: str = "forward", fault_rate: float = 0.0, engine: Any = None
-    ) -> None:
-        super().__init__(model, fault_rate, engine)
-        self.strategy = strategy
-
-    def make_engine(self) -> Any:
-        return open_text_engine(self.cfg)
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         from stages.engines.text import TextRequest

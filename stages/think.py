@@ -9,11 +9,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.config import TextModelConfig
 from schemas.reflection import ReflectionError, strip_think, think_regex
 from schemas.work import Batch, stage_seed
-from stages.base import ModelStage, StageError
-from stages.engines import open_text_engine
+from stages.base import StageError, TextStage
 
 
 def think_instruction(prompt: str) -> str:
@@ -33,17 +31,8 @@ def think_instruction_hindsight(prompt: str) -> str:
     )
 
 
-class ThinkStage(ModelStage):
+class ThinkStage(TextStage):
     name = "think"
-
-    def __init__(
-        self, model: TextModelConfig, strategy: str = "forward", fault_rate: float = 0.0, engine: Any = None
-    ) -> None:
-        super().__init__(model, fault_rate, engine)
-        self.strategy = strategy
-
-    def make_engine(self) -> Any:
-        return open_text_engine(self.cfg)
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         from stages.engines.text import TextRequest
