@@ -50,6 +50,7 @@ lint: install
 bench: install
 	$(PY) bench/shards.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/trainer.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
