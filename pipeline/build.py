@@ -58,12 +58,12 @@ class BuildError(RuntimeError):
 
 @dataclass(frozen=True)
 class StageSpec:
-    """One step of the graph: how to construct the stage, and its Ray resources (None = cheap CPU task)."""
+    """One step of the graph: how to construct the stage, and its Ray resources."""
 
     name: str
     cls: type[Stage]
     kwargs: dict[str, Any]
-    resources: Any = None  # schemas.config.ResourceConfig for model stages
+    resources: Any = None  # schemas.config.ResourceConfig for model stages; None: one light CPU actor
 
     def make(self) -> Stage:
         return self.cls(**self.kwargs)
@@ -375,18 +375,17 @@ def check_out_dir(out: Path, cfg: BuildConfig, force: bool) -> None:
             shutil.rmtree(out / sub, ignore_errors=True)
 
 
-def stage_counts(rows: Iterable[dict[str, Any]], order: list[str]) -> dict[str, dict[str, int]]:
-    """Per stage: rows in, ok, filtered, failed. in = ok + filtered + failed at every stage."""
-    rejected: dict[str, Counter] = defaultdict(Counter)
+def stage_counts(markers: Iterable[dict[str, Any]], order: list[str]) -> dict[str, dict[str, int]]:
+    """Per stage, over the given unit markers: rows in, ok, filtered, failed (in = ok + filtered + failed)."""
     total = 0
-    for r in rows:
-        total += 1
-        if r["status"] != OK:
-            rejected[r["stage"]][r["status"]] += 1
+    rejected: Counter = Counter()  # "stage:status" -> rows
+    for marker in markers:
+        total += len(marker["ids"])
+        rejected.update(marker["rejected_at"])
     counts = {}
     entering = total
     for name in order:
-        filtered, failed = rejected[name][FILTERED], rejected[name][FAILED]
+        filtered, failed = rejected[f"{name}:{FILTERED}"], rejected[f"{name}:{FAILED}"]
         counts[name] = {"in": entering, "ok": entering - filtered - failed, "filtered": filtered, "failed": failed}
         entering -= filtered + failed
     return counts
@@ -486,14 +485,7 @@ def build(
             raise BuildError(f"the stage stream ended with {len(pending)} unfinished units: rows were lost")
 
     # Summary over every unit (earlier runs included), from the markers.
-    all_rows: list[dict[str, Any]] = []
-    for unit in sorted(markers):
-        for key, n in markers[unit]["rejected_at"].items():
-            stage, status = key.split(":")
-            all_rows += [{"status": status, "stage": stage}] * n
-        all_rows += [{"status": OK, "stage": None}] * markers[unit]["counts"].get(OK, 0)
-    order = [s.name for s in specs]
-    counts = stage_counts(all_rows, order)
+    counts = stage_counts(markers.values(), [s.name for s in specs])
     stage_seconds: Counter = Counter()
     for r in finished_rows:
         for stage, sec in json.loads(r["timings"] or "{}").items():
