@@ -122,6 +122,13 @@ class TextStage(ModelStage):
 
         return open_text_engine(self.cfg)
 
+    def requests(self, batch: Batch, rows: list[int]) -> list[Any]:
+        """One `TextRequest` per row in `rows` (prompt, images, regex, per-row seed)."""
+        raise NotImplementedError
+
+    def process(self, batch: Batch, rows: list[int]) -> list[Any]:
+        return self.engine.generate(self.requests(batch, rows))
+
 
 def mark(batch: Batch, i: int, stage: str, status: str, reason: str) -> None:
     """Set a row's outcome (filtered/failed) with the stage and reason."""

@@ -39,7 +39,7 @@ def reflect_instruction_hindsight(prompt: str) -> str:
 class ReflectStage(TextStage):
     name = "reflect"
 
-    def process(self, batch: Batch, rows: list[int]) -> list[Any]:
+    def requests(self, batch: Batch, rows: list[int]) -> list[Any]:
         from stages.engines.text import TextRequest
 
         regex = reflection_regex(self.cfg.max_section_chars) if self.cfg.structured else None
@@ -51,7 +51,7 @@ class ReflectStage(TextStage):
             else:
                 text, images = reflect_instruction(prompt, batch["t1"][i]), [batch["i1"][i]]
             requests.append(TextRequest(prompt=text, images=images, regex=regex, seed=seed))
-        return self.engine.generate(requests)
+        return requests
 
     def store(self, batch: Batch, i: int, result: Any) -> None:
         text = (result or "").strip()

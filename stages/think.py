@@ -34,7 +34,7 @@ def think_instruction_hindsight(prompt: str) -> str:
 class ThinkStage(TextStage):
     name = "think"
 
-    def process(self, batch: Batch, rows: list[int]) -> list[Any]:
+    def requests(self, batch: Batch, rows: list[int]) -> list[Any]:
         from stages.engines.text import TextRequest
 
         regex = think_regex(self.cfg.max_section_chars) if self.cfg.structured else None
@@ -56,7 +56,7 @@ class ThinkStage(TextStage):
                         prompt=think_instruction(prompt), regex=regex, seed=stage_seed(batch["seed"][i], self.name)
                     )
                 )
-        return self.engine.generate(requests)
+        return requests
 
     def store(self, batch: Batch, i: int, result: Any) -> None:
         text = (result or "").strip()
