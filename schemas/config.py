@@ -97,6 +97,24 @@ class ScoreConfig(StrictModel):
     max_i1_i2_similarity: float = Field(
         1.0, le=1.0, description="Filter when I1 and I2 are near-duplicates (image-image cosine above this)."
     )
+    # Part of the generation hash on purpose: half precision moves scores by ~1e-3, which can flip verdicts that
+    # sit on a threshold, so switching it changes which trajectories are kept.
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = Field(
+        "auto",
+        description="Precision of the CLIP model: 'auto' = float16 on CUDA (OpenAI-style mixed precision: "
+        "LayerNorms stay float32), float32 on CPU. Embeddings are normalised and compared in float32 either way. "
+        "Part of the generation hash (it can flip verdicts near a threshold).",
+    )
+    # exclude=True keeps this pure performance knob out of model_dump(), hence out of generation_hash().
+    preprocess_threads: int | None = Field(
+        None,
+        ge=1,
+        le=256,
+        exclude=True,
+        description="Threads that decode and preprocess images in parallel with the model. None: OMP_NUM_THREADS "
+        "(which Ray sets to the stage's resources.num_cpus) or else this process's CPUs, at most 32. Performance "
+        "only: not part of the generation hash and not written to state/build.json.",
+    )
 
 
 class ImageEncodingConfig(StrictModel):

@@ -34,13 +34,13 @@ class ScoreStage(ModelStage):
         return open_scorer(self.cfg)
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
+        # One engine call per batch: I1 and I2 decoded, preprocessed and embedded once each, the prompt once; an
+        # image that does not decode comes back as that row's error and the other rows are still scored.
         prompts = [batch["prompt"][i] for i in rows]
         i1 = [batch["i1"][i] for i in rows]
         i2 = [batch["i2"][i] for i in rows]
-        s1 = self.engine.text_image(prompts, i1)
-        s2 = self.engine.text_image(prompts, i2)
-        s12 = self.engine.image_image(i1, i2)
-        return list(zip(s1, s2, s12, strict=True))
+        results = self.engine.score_pairs(prompts, i1, i2, names=("I1", "I2"))
+        return [StageError(str(r)) if isinstance(r, Exception) else r for r in results]
 
     def store(self, batch: Batch, i: int, result: Any) -> None:
         c1, c2, c12 = (float(x) for x in result)
