@@ -32,6 +32,7 @@ from pipeline.secrets import redact_env, redact_obj, secret_values
 from pipeline.shards import write_dataset
 from schemas.config import BuildConfig
 from schemas.modes import ModeOptions
+from schemas.stages import STAGE_NAMES, model_id, model_label, model_stages, stage_config, stage_order
 from schemas.trajectory import TRAJECTORY_SCHEMA, Trajectory, trajectory_id
 from schemas.work import FAILED, FILTERED, OK, WORK_COLUMNS, WORK_SCHEMA, Batch, new_row
 from stages.assemble import AssembleStage, row_to_trajectory
@@ -69,26 +70,36 @@ class StageSpec:
         return self.cls(**self.kwargs)
 
 
+def _stage_classes(cfg: BuildConfig) -> dict[str, tuple[type[Stage], dict[str, Any]]]:
+    """Stage name -> its class and the constructor arguments besides model and fault rate. The registry
+    (schemas/stages.py) owns the names, order and config sections; schemas cannot import stage classes, so this
+    mapping lives here."""
+    s = cfg.strategy
+    return {
+        "think": (ThinkStage, {"strategy": s}),
+        "draw_initial": (DrawStage, {"role": "initial", "strategy": s, "encoding": cfg.images}),
+        "reflect": (ReflectStage, {"strategy": s}),
+        "draw_refined": (DrawStage, {"role": "refined", "strategy": s, "encoding": cfg.images}),
+        "score": (ScoreStage, {}),
+        "assemble": (AssembleStage, {"options": ModeOptions(cfg.shards.t1_loss_improving)}),
+    }
+
+
 def stage_graph(cfg: BuildConfig) -> list[StageSpec]:
     """The stages in execution order for the configured strategy (with the config's fault injection, if any)."""
-
-    def spec(name: str, cls: type[Stage], stage_cfg: Any, **kwargs: Any) -> StageSpec:
-        kwargs = {"model": stage_cfg.model, "fault_rate": cfg.fault_injection.get(name, 0.0), **kwargs}
-        return StageSpec(name, cls, kwargs, stage_cfg.resources)
-
-    s = cfg.strategy
-    think = spec("think", ThinkStage, cfg.think, strategy=s)
-    draw_initial = spec("draw_initial", DrawStage, cfg.draw_initial, role="initial", strategy=s, encoding=cfg.images)
-    reflect = spec("reflect", ReflectStage, cfg.reflect, strategy=s)
-    draw_refined = spec("draw_refined", DrawStage, cfg.draw_refined, role="refined", strategy=s, encoding=cfg.images)
-    score = spec("score", ScoreStage, cfg.score)
-    options = ModeOptions(cfg.shards.t1_loss_improving)
-    assemble = StageSpec(
-        "assemble", AssembleStage, {"options": options, "fault_rate": cfg.fault_injection.get("assemble", 0.0)}
-    )
-    if s == "hindsight":
-        return [draw_initial, draw_refined, think, reflect, score, assemble]
-    return [think, draw_initial, reflect, draw_refined, score, assemble]
+    classes = _stage_classes(cfg)
+    if set(classes) != set(STAGE_NAMES):  # a stage added to the registry but not here, or the reverse
+        raise RuntimeError(f"pipeline/build.py maps stages {sorted(classes)} but the registry has {STAGE_NAMES}")
+    specs = []
+    for info in stage_order(cfg.strategy):
+        cls, kwargs = classes[info.name]
+        kwargs = {"fault_rate": cfg.fault_injection.get(info.name, 0.0), **kwargs}
+        section = stage_config(cfg, info.name)
+        if section is None:  # no model: one light CPU actor
+            specs.append(StageSpec(info.name, cls, kwargs))
+        else:
+            specs.append(StageSpec(info.name, cls, {"model": section.model, **kwargs}, section.resources))
+    return specs
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -528,19 +539,12 @@ def prebuild_tiny_models(cfg: BuildConfig) -> None:
     """Build the `tiny:` models a config names once, on the driver, before actors start loading them."""
     from stages.tiny import PREFIX, tiny_path
 
-    names = {cfg.think.model.model, cfg.reflect.model.model, cfg.draw_initial.model.model, cfg.draw_refined.model.model,
-             cfg.score.model.model}  # fmt: skip
-    for name in sorted(n for n in names if n.startswith(PREFIX)):
+    names = {model_id(cfg, s.name) for s in model_stages()}
+    for name in sorted(n for n in names if n and n.startswith(PREFIX)):
         tiny_path(name)
 
 
 def _model_names(cfg: BuildConfig) -> dict[str, str]:
     """Model names for the card: Hub ids as given; local paths reduced to their last component."""
-    names = {
-        "think": cfg.think.model.model,
-        "draw_initial": cfg.draw_initial.model.model,
-        "reflect": cfg.reflect.model.model,
-        "draw_refined": cfg.draw_refined.model.model,
-        "score": f"{cfg.score.model.model}/{cfg.score.model.pretrained}",
-    }
+    names = {s.name: model_label(cfg, s.name) or "" for s in model_stages()}
     return {k: (Path(v).name if v.startswith("/") else v) for k, v in names.items()}

@@ -19,6 +19,7 @@ import pyarrow.parquet as pq
 
 from pipeline.fsio import write_atomic
 from schemas.reflection import HEADINGS, ReflectionError, parse_reflection, strip_think
+from schemas.stages import STAGE_NAMES, stage_info, stage_order
 
 REPORT_NAME = "report.html"
 
@@ -85,6 +86,12 @@ def _think_html(t1: str) -> str:
         return f"<pre>{_e(t1)}</pre>"
 
 
+def _num_gpus(config: dict[str, Any], stage: str) -> float:
+    """GPUs per actor of `stage` in a build's config dump (the registry says which section holds its resources)."""
+    attr = stage_info(stage).config_attr if stage in STAGE_NAMES else None
+    return float(((config.get(attr) or {}).get("resources") or {}).get("num_gpus", 0.0)) if attr else 0.0
+
+
 def collect(out: Path, samples: int = 8) -> dict[str, Any]:
     """Everything the page shows, as plain data (also handy for tests and notebooks)."""
     manifest = json.loads((out / "manifest.json").read_text(encoding="utf-8"))
@@ -104,7 +111,10 @@ def collect(out: Path, samples: int = 8) -> dict[str, Any]:
         for line in path.read_text(encoding="utf-8").splitlines():
             timings.update(json.loads(line).get("timings") or {})
     kept = len(clip1)
-    gpus = {name: (state["config"].get(name) or {}).get("resources", {}).get("num_gpus", 0.0) for name in timings}
+    # The time table follows the build's stage order (rows of different units record their stages in any order).
+    order = {s.name: i for i, s in enumerate(stage_order(state["config"].get("strategy") or "forward"))}
+    timings = Counter(dict(sorted(timings.items(), key=lambda kv: (order.get(kv[0], len(order)), kv[0]))))
+    gpus = {name: _num_gpus(state["config"], name) for name in timings}
     return {
         "name": state["config"].get("name", "irgl"),
         "strategy": state["config"].get("strategy"),
