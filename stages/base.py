@@ -4,6 +4,10 @@ A batch is columnar (`dict[str, list]`, columns of `schemas.work.WORK_SCHEMA`). 
 status is `ok`; a row that breaks gets `status`/`stage`/`error` instead of raising, so one bad record never takes
 down a batch. If the engine call for a whole batch raises, the rows are retried one by one so that the failure is
 pinned on the record that causes it. The same object runs in a plain loop and inside a Ray Data actor.
+
+`acall` is the same contract for an event loop: text stages (`concurrent`) keep several batches in flight on one
+engine so that vLLM batches them continuously. A fatal engine error (`stages.engines.errors.is_engine_dead`) is
+never turned into failed rows: it raises `EngineDead`, and whoever hosts the stage replaces the process.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ from typing import Any
 
 from schemas.config import TextModelConfig
 from schemas.work import FAILED, FILTERED, OK, Batch, json_update
+from stages.engines.errors import EngineDead, is_engine_dead
 
 
 class StageError(Exception):
@@ -50,14 +55,47 @@ class Stage:
         """Write one row's result into the batch."""
         raise NotImplementedError
 
+    #: Whether `acall` lets several batches share the engine at once (text stages: continuous batching). Stages
+    #: without it take one batch at a time, in `__call__`.
+    concurrent: bool = False
+
     def __call__(self, batch: Batch) -> Batch:
-        n = len(batch["id"])
-        rows = [i for i in range(n) if batch["status"][i] == OK]
+        rows = self._ok_rows(batch)
         if not rows:
             return batch
         start = time.perf_counter()
         results = self._process_isolated(batch, rows)
-        per_row = (time.perf_counter() - start) / len(rows)
+        self._finish(batch, rows, results, (time.perf_counter() - start) / len(rows))
+        return batch
+
+    async def acall(self, batch: Batch) -> Batch:
+        """`__call__` for an event loop: other batches may be in flight on the same engine meanwhile. A row's
+        timing is its share of the wall time (while k batches overlap, each is charged 1/k), so the stage-seconds
+        of a build still add up to the time the engine was busy."""
+        rows = self._ok_rows(batch)
+        if not rows:
+            return batch
+        clock = self.__dict__.setdefault("_clock", _SharedClock())
+        key = clock.enter()
+        try:
+            results = await self.aprocess(batch, rows)
+        finally:
+            seconds = clock.exit(key)
+        self._finish(batch, rows, results, seconds / len(rows))
+        return batch
+
+    async def aprocess(self, batch: Batch, rows: list[int]) -> list[Any]:
+        """`process` without blocking the event loop; by default `_process_isolated` in a worker thread."""
+        import asyncio
+
+        return await asyncio.to_thread(self._process_isolated, batch, rows)
+
+    @staticmethod
+    def _ok_rows(batch: Batch) -> list[int]:
+        return [i for i in range(len(batch["id"])) if batch["status"][i] == OK]
+
+    def _finish(self, batch: Batch, rows: list[int], results: list[Any], per_row: float) -> None:
+        """Store each row's result or mark its failure; record timings and the model name."""
         for i, result in zip(rows, results, strict=True):
             if self.fault_rate and _fault(batch["id"][i], self.name, self.fault_rate):
                 result = StageError(f"injected fault (fault_rate={self.fault_rate})")
@@ -71,12 +109,14 @@ class Stage:
             batch["timings"][i] = json_update(batch["timings"][i], self.name, round(per_row, 6))
             if self.model_name:
                 batch["models"][i] = json_update(batch["models"][i], self.name, self.model_name)
-        return batch
 
     def _process_isolated(self, batch: Batch, rows: list[int]) -> list[Any]:
         try:
             results = self.process(batch, rows)
         except Exception as exc:
+            if is_engine_dead(exc):
+                # Retrying rows on a dead engine would fail them all in no time: the process must be replaced.
+                raise EngineDead(f"stage {self.name}: {type(exc).__name__}: {exc}") from exc
             if len(rows) == 1:
                 return [StageError(f"{type(exc).__name__}: {exc}")]
             # Find the culprit: one call per row, each with its own error.
@@ -84,6 +124,33 @@ class Stage:
         if len(results) != len(rows):
             raise RuntimeError(f"stage {self.name} returned {len(results)} results for {len(rows)} rows")
         return results
+
+
+class _SharedClock:
+    """Wall time split between overlapping calls on one event loop: while k calls are open, each accrues 1/k."""
+
+    def __init__(self) -> None:
+        self._open: dict[int, float] = {}
+        self._last = time.perf_counter()
+        self._next = 0
+
+    def _advance(self) -> None:
+        now = time.perf_counter()
+        if self._open:
+            share = (now - self._last) / len(self._open)
+            for key in self._open:
+                self._open[key] += share
+        self._last = now
+
+    def enter(self) -> int:
+        self._advance()
+        key, self._next = self._next, self._next + 1
+        self._open[key] = 0.0
+        return key
+
+    def exit(self, key: int) -> float:
+        self._advance()
+        return self._open.pop(key)
 
 
 class ModelStage(Stage):
@@ -128,6 +195,18 @@ class TextStage(ModelStage):
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         return self.engine.generate(self.requests(batch, rows))
+
+    concurrent = True  # every TextEngine has `agenerate`
+
+    async def aprocess(self, batch: Batch, rows: list[int]) -> list[Any]:
+        """All rows go to the engine at once; a row the engine refused fails alone, a dead engine raises."""
+        try:
+            results = await self.engine.agenerate(self.requests(batch, rows))
+        except Exception as exc:
+            if is_engine_dead(exc):
+                raise EngineDead(f"stage {self.name}: {type(exc).__name__}: {exc}") from exc
+            return await super().aprocess(batch, rows)  # pin the failure on its row, as `__call__` does
+        return [StageError(f"{type(r).__name__}: {r}") if isinstance(r, Exception) else r for r in results]
 
 
 def mark(batch: Batch, i: int, stage: str, status: str, reason: str) -> None:
