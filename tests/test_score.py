@@ -19,7 +19,15 @@ from PIL import Image
 import stages.engines.clip as clip_module
 from schemas.config import BuildConfig, ConfigError, ScoreConfig, load_build_config
 from schemas.work import FAILED, OK, WORK_COLUMNS, Batch, new_row
-from stages.engines.clip import ClipScorer, ImageDecodeError, default_threads, resolve_dtype
+from stages.engines.clip import (
+    ClipScorer,
+    ImageDecodeError,
+    default_threads,
+    resolve_dtype,
+    split_preprocess,
+    to_array,
+)
+from stages.engines.image import decode_image
 from stages.score import ScoreStage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -148,6 +156,30 @@ def test_each_image_decoded_once_on_the_pool(scorer: ClipScorer, monkeypatch: py
     decoded = sorted(data for data, _ in seen)
     assert decoded == sorted(batch["i1"] + batch["i2"])  # every image exactly once (the old path: twice)
     assert {name.rsplit("_", 1)[0] for _, name in seen} == {"clip-preprocess"}  # off the caller's thread
+
+
+def test_pool_pixels_equal_open_clip_transform_bit_for_bit(scorer: ClipScorer) -> None:
+    """The pool threads do ToTensor + Normalize in numpy (no torch threads per image): the same bits."""
+    import open_clip
+    import torch
+    from torchvision import transforms
+
+    images = [
+        encode(picture(k, size), "JPEG", quality=95) for k, size in enumerate([(300, 200), (224, 224), (97, 131)])
+    ]
+    for preprocess in (scorer._preprocess, open_clip.image_transform(224, is_train=False)):  # tiny, ViT-L-14's
+        split = split_preprocess(preprocess)
+        assert split is not None
+        for data in images:
+            want = preprocess(Image.open(io.BytesIO(data)).convert("RGB"))
+            got = torch.from_numpy(to_array(split[0](decode_image(data)), split[1], split[2]))
+            assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
+    for data in images:
+        assert torch.equal(torch.as_tensor(scorer._pixels(("x", data))), scorer._preprocess(decode_image(data)))
+    # A transform of another shape is not split: the scorer then runs it whole on the pool threads.
+    odd = transforms.Compose([*scorer._preprocess.transforms, transforms.Lambda(lambda t: t * 2)])
+    assert split_preprocess(odd) is None
+    assert split_preprocess(lambda img: img) is None
 
 
 # --- failures stay on their row ------------------------------------------------------------------------------------
