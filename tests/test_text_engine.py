@@ -6,6 +6,7 @@ code paths. Structured outputs must give template-valid text from ANY model, a r
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import re
 from pathlib import Path
@@ -121,6 +122,35 @@ def test_seeded_batch_larger_than_one_scheduler_step(vlm_engine: VLLMTextEngine)
 def test_image_limit_is_enforced(vlm_engine: VLLMTextEngine) -> None:
     with pytest.raises(ValueError, match="max_images"):
         vlm_engine.generate([TextRequest("too many", images=[RED, BLUE, RED])])
+
+
+def test_concurrent_calls_share_the_engine_and_give_the_same_texts(vlm_engine: VLLMTextEngine) -> None:
+    """Continuous batching: three 4-request calls in flight at once are batched together by vLLM and give exactly
+    the texts they give one call at a time (per-request seeds)."""
+    regex = think_regex(TEST_SECTION_CHARS)
+    requests = [TextRequest(f"Plan image {i}.", regex=regex, seed=300 + i) for i in range(12)]
+    requests[5] = TextRequest("Plan from this sketch.", images=[RED], regex=regex, seed=305)
+    one_at_a_time = [t for k in range(0, 12, 4) for t in vlm_engine.generate(requests[k : k + 4])]
+
+    async def together() -> list:
+        return await asyncio.gather(*(vlm_engine.agenerate(requests[k : k + 4]) for k in range(0, 12, 4)))
+
+    vlm_engine._loop.peak_in_flight = 0
+    parts = asyncio.run(together())
+    assert [t for part in parts for t in part] == one_at_a_time
+    assert vlm_engine._loop.peak_in_flight > 4  # more than one call's requests were in the engine at once
+    assert len(set(one_at_a_time)) == 12 and all(re.fullmatch(regex, t) for t in one_at_a_time)
+
+
+def test_a_refused_request_fails_only_its_row(vlm_engine: VLLMTextEngine) -> None:
+    too_long = "word " * 20_000  # over the engine's max_model_len: vLLM refuses it when it is added
+    requests = [TextRequest("Plan image A.", seed=1), TextRequest(too_long, seed=2), TextRequest("Plan B.", seed=3)]
+    results = asyncio.run(vlm_engine.agenerate(requests))
+    assert isinstance(results[1], Exception) and "maximum context length" in str(results[1])
+    assert [r for i, r in enumerate(results) if i != 1] == vlm_engine.generate([requests[0], requests[2]])
+    with pytest.raises(Exception, match="maximum context length"):
+        vlm_engine.generate(requests)  # the blocking call raises the row's error (stages then isolate it)
+    assert vlm_engine.generate([requests[0]])  # and the engine goes on serving
 
 
 def test_make_text_engine_picks_the_configured_engine(tiny_llm_path: Path) -> None:

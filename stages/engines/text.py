@@ -277,6 +277,7 @@ class _EngineLoop:
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: dict[str, tuple[_Submission, int]] = {}  # request id -> (submission, position)
         self._dead: BaseException | None = None
+        self.peak_in_flight = 0  # most requests in the engine at once (shows that callers share its batches)
         self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
 
     def start(self) -> None:
@@ -325,6 +326,7 @@ class _EngineLoop:
                 sub.set(position, exc)  # vLLM refused this row (too long, bad image, ...): only it fails
                 continue
             self._waiting[request_id] = (sub, position)
+        self.peak_in_flight = max(self.peak_in_flight, len(self._waiting))
 
     def _finish(self, output: Any) -> None:
         sub, position = self._waiting.pop(output.request_id)
