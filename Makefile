@@ -51,6 +51,7 @@ bench: install
 	$(PY) bench/shards.py
 	$(PY) bench/pipeline.py
 	$(PY) bench/trainer.py
+	$(PY) bench/score.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
