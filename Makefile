@@ -50,6 +50,7 @@ lint: install
 bench: install
 	$(PY) bench/shards.py
 	$(PY) bench/pipeline.py
+	$(PY) bench/text_stage.py
 	$(PY) bench/trainer.py
 	$(PY) bench/score.py
 

@@ -178,6 +178,8 @@ class ModelStage(Stage):
 class TextStage(ModelStage):
     """A stage that writes text with an LLM/VLM (T1, T2); `strategy` picks what it looks at."""
 
+    concurrent = True  # every TextEngine has `agenerate`; vLLM batches concurrent calls continuously
+
     def __init__(
         self, model: TextModelConfig, strategy: str = "forward", fault_rate: float = 0.0, engine: Any = None
     ) -> None:
@@ -195,8 +197,6 @@ class TextStage(ModelStage):
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         return self.engine.generate(self.requests(batch, rows))
-
-    concurrent = True  # every TextEngine has `agenerate`
 
     async def aprocess(self, batch: Batch, rows: list[int]) -> list[Any]:
         """All rows go to the engine at once; a row the engine refused fails alone, a dead engine raises."""
