@@ -31,10 +31,11 @@ def plan_command(
     keep_rate: float = typer.Option(
         1.0, "--keep-rate", min=0.0, max=1.0, help="Share of trajectories the verdict keeps (from a pilot build)."
     ),
-    strict: bool = typer.Option(False, "--strict", help="Exit 1 when the plan has warnings."),
+    strict: bool = typer.Option(False, "--strict", help="Exit 1 when the plan has warnings (options do not count)."),
 ) -> None:
-    """Validate CONFIG and print the stage graph, resources, expected records, GPU-hours, wall time and warnings.
-    Loads no model and contacts nothing."""
+    """Validate CONFIG and print the stage graph, resources, expected records, GPU-hours, wall time, options that
+    would speed stages up (torch.compile, scorer CPUs) and warnings (budgets that make rows fail, GPUs the cluster
+    cannot give or would not start). Loads no model and contacts nothing."""
     from pipeline.plan import PlanError, format_plan, plan_from_file
     from schemas.config import ConfigError
 

@@ -8,7 +8,17 @@ are counted from an absolute split slice (`train[:200000]`) or from `--expected-
 
 The estimates are arithmetic on per-replica throughput figures: `resources.items_per_second` when the config sets
 it (your measurement), otherwise the built-in H100 figures below - some measured, most assumed, each printed with
-its source so that nobody mistakes an assumption for a measurement.
+its source so that nobody mistakes an assumption for a measurement. What they count per trajectory:
+- text stages (vLLM): decoding the expected output, prefilling the prompt (instruction, user prompt, T1 for a
+  forward reflection) and the image tokens of the images shown (~1,369 for a 1024x1024 image in Qwen2.5-VL), and
+  the vision encoder;
+- image stages (diffusers): the denoising steps (eager, or compiled with `compile: true`), the text encoders, the
+  VAE decode (and encode of I1 for image-to-image), and encoding the image on the actor's CPU;
+- the scorer: two images through open_clip on the GPU while they are decoded and preprocessed on the actor's CPU
+  threads, the slower of the two.
+Settings that would speed a stage up (the image engine's `compile`, CPUs for a CPU-bound scorer) are printed as
+options; config values that make rows fail (max_tokens, section caps, context length) and clusters that would not
+start the planned GPUs are warnings. The stages, their order and config sections come from schemas/stages.py.
 """
 
 from __future__ import annotations
@@ -19,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from schemas.config import BuildConfig, ImageModelConfig, PromptSourceConfig, ResourceConfig, TextModelConfig
+from schemas.stages import model_label, model_stages, stage_config, stage_info, stage_order
 
 
 class PlanError(ValueError):
@@ -27,18 +38,53 @@ class PlanError(ValueError):
 
 # ---------------------------------------------------------------------------------------------------------------
 # Built-in throughput figures (one NVIDIA H100 80GB, bf16, batch as configured). Override any of them per stage
-# with `resources.items_per_second` once you have measured your own.
+# with `resources.items_per_second` once you have measured your own. Each figure says where it comes from:
+# "measured" (a measurement, with where), or "assumed" (an estimate nobody here has measured).
 
-#: Diffusion transformers: seconds per denoising step at 1024x1024 (time scales with pixels and steps run).
-#: (substring of the lower-cased model id, seconds per step, where the figure comes from)
+#: The GPU the built-in figures are for. A cluster whose GPU nodes are another model gets a warning.
+ASSUMED_GPU = "H100"
+
+#: Diffusion denoisers (the transformer or UNet, run once per step): seconds per denoising step at 1024x1024,
+#: eager. Time scales with pixels and steps run. (substring of the lower-cased model id, s/step, source)
 IMAGE_SECONDS_PER_STEP: list[tuple[str, float, str]] = [
-    ("flux", 5.1 / 28, "measured: FLUX.1 12B transformer 5.1 s/image at 28 steps, 1024^2, eager (3.7 s compiled)"),
+    ("flux", 0.183, "measured: FLUX.1 12B transformer on an H100, 1024^2, eager: 0.183 s/step"),
     ("sana", 0.5 / 20, "measured: SANA-1.6B ~0.5 s/image at 20 steps, 1024^2"),
     ("stable-diffusion-3.5-large", 0.12, "assumed: SD3.5-large (8B) with CFG, 0.12 s/step at 1024^2"),
     ("stable-diffusion-3.5-medium", 0.06, "assumed: SD3.5-medium (2.5B) with CFG, 0.06 s/step at 1024^2"),
     ("stable-diffusion-xl", 0.05, "assumed: SDXL with CFG, 0.05 s/step at 1024^2"),
 ]
 DEFAULT_IMAGE_SECONDS_PER_STEP = (0.1, "assumed: unknown diffusion model, 0.1 s/step at 1024^2")
+
+#: The same with `compile: true` (torch.compile of the denoiser, stages/engines/image.py).
+IMAGE_COMPILED_SECONDS_PER_STEP: list[tuple[str, float, str]] = [
+    ("flux", 0.133, "measured: FLUX.1-dev transformer on an H100, 1024^2, torch.compile: 0.133 s/step (eager 0.183)"),
+]
+#: Models without a compiled figure: eager s/step x this.
+COMPILE_SPEEDUP = (0.133 / 0.183, "assumed: torch.compile gains what it gains on FLUX.1-dev (0.133 / 0.183 s/step)")
+
+#: The rest of an image's GPU time, outside the denoising steps: the text encoders (once per prompt) and the VAE
+#: decode at 1024x1024 (VAE time scales with pixels). (substring, encoders s, VAE decode s, source)
+IMAGE_PIPELINE_SECONDS: list[tuple[str, float, float, str]] = [
+    ("flux", 0.015, 0.08, "assumed: T5-XXL + CLIP-L encoders ~0.015 s, VAE decode ~0.08 s at 1024^2"),
+    ("sana", 0.01, 0.05, "assumed: Gemma-2-2B encoder ~0.01 s, DC-AE decode ~0.05 s at 1024^2"),
+    ("stable-diffusion-3", 0.02, 0.08, "assumed: CLIP-L/G + T5-XXL encoders ~0.02 s, VAE decode ~0.08 s at 1024^2"),
+    ("stable-diffusion-xl", 0.005, 0.08, "assumed: CLIP-L/G encoders ~0.005 s, VAE decode ~0.08 s at 1024^2"),
+]
+DEFAULT_IMAGE_PIPELINE_SECONDS = (0.02, 0.1, "assumed: unknown pipeline: encoders ~0.02 s, VAE decode ~0.1 s")
+#: ASSUMED: a VAE encode (image-to-image: I1 into latents) costs half a decode (the encoder is the smaller half).
+VAE_ENCODE_OF_DECODE = 0.5
+
+#: CPU seconds (one core) per 1024x1024 image, scaled by pixels: encoding a generated image into the records'
+#: format (the draw stages), decoding it (image-to-image, scoring) and open_clip's preprocessing to 224x224 (resize,
+#: crop, normalise). Measured as CPU time of one thread with PIL/torch on the development machine's AMD EPYC
+#: (`python bench/cpu_image_costs.py`); a cluster's CPUs may be faster.
+IMAGE_ENCODE_CPU_SECONDS = {"jpeg": 0.0074, "png": 0.28}
+IMAGE_DECODE_CPU_SECONDS = {"jpeg": 0.009, "png": 0.024}
+CLIP_PREPROCESS_CPU_SECONDS = 0.011
+CPU_FIGURES_SOURCE = "measured: one AMD EPYC core, bench/cpu_image_costs.py"
+#: The score stage's preprocessing threads when `score.model.preprocess_threads` is unset: the actor's CPUs, at most
+#: this (stages/engines/clip.py).
+MAX_PREPROCESS_THREADS = 32
 
 #: open_clip image encoders: images per second on one GPU. A trajectory is scored on two images (I1, I2).
 CLIP_IMAGES_PER_SECOND: list[tuple[str, float, str]] = [
@@ -50,15 +96,44 @@ CLIP_IMAGES_PER_SECOND: list[tuple[str, float, str]] = [
 ]
 DEFAULT_CLIP_IMAGES_PER_SECOND = (1000.0, "assumed: unknown open_clip model, 1,000 images/s")
 
-#: vLLM batched decoding is memory-bound: output tokens/s per GPU ~ this / parameters in billions. Calibrated to an
-#: ASSUMED 2,000 output tokens/s for a 72B model at tensor_parallel_size=4 (500 per GPU); prefill (including the
-#: ~1,400 tokens of a 1024^2 image for Qwen2.5-VL) is not modelled.
+#: vLLM decoding is memory-bound: output tokens/s per GPU ~ this / parameters in billions. Calibrated to an ASSUMED
+#: 2,000 output tokens/s for a 72B model at tensor_parallel_size=4 (500 per GPU).
 VLLM_TOKENS_PER_GPU_SECOND_X_BILLIONS = 36_000.0
+#: Prefill (prompt and image tokens) is compute-bound: tokens/s per GPU ~ effective FLOP/s / (2 x parameters).
+#: ASSUMED 400 TFLOP/s effective bf16 per H100 (~40% of its 989 TFLOP/s dense peak): ~2,800 prompt tokens/s per GPU
+#: for a 72B model. Prefill and decode are ASSUMED not to overlap (their times add up: a pessimistic bound).
+PREFILL_FLOPS_PER_GPU = 400e12
 #: Parameters assumed when the model id names no size ("7B", "72B", ...).
 DEFAULT_PARAMS_BILLIONS = 7.0
+#: Image tokens of a VLM: Qwen2.5-VL cuts images into 14x14-pixel patches and merges 2x2 of them into one LLM token,
+#: so one token per 28x28 pixels after each side is rounded to a multiple of 28, up to 12,845,056 pixels
+#: (its image processor's patch_size, merge_size and max_pixels): 1024x1024 -> 1036x1036 -> 37 x 37 = 1,369 tokens.
+#: ASSUMED the same for other VLMs.
+VLM_PIXELS_PER_TOKEN_SIDE = 28
+VLM_MAX_PIXELS = 12_845_056
+#: ASSUMED: the vision encoder has ~0.67B parameters (Qwen2.5-VL's ViT) and runs on the 4 patches of each token.
+VISION_ENCODER_BILLIONS = 0.67
+#: ASSUMED prompt tokens besides the user's prompt: the instruction (~250-700 characters in stages/think.py and
+#: stages/reflect.py) and the chat template.
+INSTRUCTION_TOKENS = {"think": 120, "reflect": 220}
+#: ASSUMED mean user prompt, in characters (the generator's are ~60, Hub prompt sets ~100-400).
+MEAN_PROMPT_CHARS = 200
 #: ASSUMED: structured outputs fill about half of what the regex allows, at ~4 characters per token (English).
 MEAN_FILL = 0.5
 CHARS_PER_TOKEN = 4.0
+#: The images each text stage shows the VLM, per strategy, named by the stage that drew them (their size sets the
+#: image tokens): stages/think.py and stages/reflect.py.
+VLM_IMAGES: dict[tuple[str, str], tuple[str, ...]] = {
+    ("think", "forward"): (),
+    ("think", "hindsight"): ("draw_refined",),
+    ("reflect", "forward"): ("draw_initial",),
+    ("reflect", "hindsight"): ("draw_initial", "draw_refined"),
+}
+#: Section caps (`max_section_chars`) below which a real model is likely to run into the cap (the row then fails):
+#: ASSUMED from what instruction-tuned VLMs such as Qwen2.5-VL-72B write when asked for these texts even with a
+#: budget stated: a plan (T1) of ~500-1,000 characters, reflection parts of ~200-500 (the step-by-step guidance
+#: runs longest). Not checked for `tiny:` models (random text).
+MIN_SECTION_CHARS = {"think": 1000, "reflect": 500}
 
 #: ASSUMED encoded size of one 1024x1024 image (scaled by pixel count): PNG of a generated photo ~1.6 MB, JPEG at
 #: quality 95 ~0.5 MB.
@@ -69,6 +144,22 @@ IMAGES_PER_TRAJECTORY_IN_MODES = 7
 #: The official IRG trainer accepts images whose long side is <= 1024 and short side >= 512 (docs/IRGL_FORMAT.md).
 TRAINER_MAX_LONG_SIDE = 1024
 TRAINER_MIN_SHORT_SIDE = 512
+
+#: GPU model of well-known cloud instance types (the cluster file names instance types, not GPUs). A node type can
+#: also say it with a custom resource `accelerator_type:<GPU>`, as Ray names the GPUs it detects.
+GPU_BY_INSTANCE_TYPE = {
+    "p5.48xlarge": "H100",
+    "p5e.48xlarge": "H200",
+    "p5en.48xlarge": "H200",
+    "p4de.24xlarge": "A100",
+    "p4d.24xlarge": "A100",
+    "a3-highgpu-8g": "H100",
+    "a3-megagpu-8g": "H100",
+    "a2-ultragpu-8g": "A100",
+    "a2-highgpu-8g": "A100",
+    "Standard_ND96isr_H100_v5": "H100",
+    "Standard_ND96amsr_A100_v4": "A100",
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -85,6 +176,7 @@ class NodeType:
     max_count: int
     head: bool
     gpus_declared: bool
+    accelerator: str | None = None  # GPU model (from an `accelerator_type:` resource or the instance type)
 
 
 @dataclass(frozen=True)
@@ -113,6 +205,24 @@ class ClusterSpec:
     @property
     def max_gpus_per_node(self) -> float:
         return max((t.gpus for t in self.node_types), default=0.0)
+
+    @property
+    def gpu_node_types(self) -> list[NodeType]:
+        return [t for t in self.node_types if t.gpus > 0 and t.max_count > 0]
+
+
+def node_accelerator(spec: dict) -> str | None:
+    """The GPU model of a node type: its `accelerator_type:<GPU>` resource, else its instance type looked up in
+    GPU_BY_INSTANCE_TYPE (AWS InstanceType, GCP machineType, Azure vmSize); None when unknown."""
+    for key in spec.get("resources") or {}:
+        if isinstance(key, str) and key.startswith("accelerator_type:"):
+            return key.split(":", 1)[1]
+    node_config = spec.get("node_config") or {}
+    azure = (node_config.get("azure_arm_parameters") or {}) if isinstance(node_config, dict) else {}
+    for instance in (node_config.get("InstanceType"), node_config.get("machineType"), azure.get("vmSize")):
+        if isinstance(instance, str) and instance in GPU_BY_INSTANCE_TYPE:
+            return GPU_BY_INSTANCE_TYPE[instance]
+    return None
 
 
 def load_cluster(path: Path) -> ClusterSpec:
@@ -155,6 +265,7 @@ def load_cluster(path: Path) -> ClusterSpec:
                 max_count=count,
                 head=name == head,
                 gpus_declared="GPU" in resources,
+                accelerator=node_accelerator(spec) if resources.get("GPU", 0) else None,
             )
         )
     return ClusterSpec(path=str(path), node_types=types, max_workers=max_workers)
@@ -291,8 +402,56 @@ def regex_max_chars(model: TextModelConfig, role: str) -> int:
     return reflection_regex_max_chars(model.max_section_chars)
 
 
-def text_rate(model: TextModelConfig, res: ResourceConfig, role: str) -> tuple[float | None, str]:
-    """Trajectories/s of one vLLM engine for T1 (`role` think) or T2 (reflect), from the assumptions above."""
+def vlm_image_tokens(width: int, height: int) -> int:
+    """LLM tokens of one width x height image for a Qwen2.5-VL-style VLM (see VLM_PIXELS_PER_TOKEN_SIDE)."""
+    side = VLM_PIXELS_PER_TOKEN_SIDE
+    h, w = max(side, round(height / side) * side), max(side, round(width / side) * side)
+    if h * w > VLM_MAX_PIXELS:  # the processor scales the image down to max_pixels, keeping its aspect
+        beta = math.sqrt(height * width / VLM_MAX_PIXELS)
+        h, w = max(side, math.floor(height / beta / side) * side), max(side, math.floor(width / beta / side) * side)
+    return (h // side) * (w // side)
+
+
+def _output_tokens(model: TextModelConfig, role: str) -> float:
+    """Mean output tokens of one T1/T2 generation (ASSUMED fill of the regex, or of max_tokens without one)."""
+    if model.structured:
+        return min(model.max_tokens, MEAN_FILL * regex_max_chars(model, role) / CHARS_PER_TOKEN)
+    return MEAN_FILL * model.max_tokens
+
+
+@dataclass(frozen=True)
+class TextLoad:
+    """What one T1/T2 request costs an engine, in tokens (means, except `max_prompt_tokens`)."""
+
+    prompt_tokens: float  # instruction + user prompt (+ T1 for a forward reflection)
+    images: int
+    tokens_per_image: int
+    output_tokens: float
+    max_prompt_tokens: float  # the longest text prompt the sources allow (their max_chars), for the context check
+
+    @property
+    def image_tokens(self) -> int:
+        return self.images * self.tokens_per_image
+
+
+def text_load(cfg: BuildConfig, name: str, max_prompt_chars: int) -> TextLoad:
+    """The tokens one request of text stage `name` feeds and asks for: the instruction, the user prompt, a forward
+    reflection's T1, the images shown (VLM_IMAGES) and the expected output."""
+    model = stage_config(cfg, name).model
+    images = [stage_config(cfg, s).model for s in VLM_IMAGES[(name, cfg.strategy)]]
+    per_image = max((vlm_image_tokens(m.width, m.height) for m in images), default=0)
+    prompt = INSTRUCTION_TOKENS[name] + MEAN_PROMPT_CHARS / CHARS_PER_TOKEN
+    longest = INSTRUCTION_TOKENS[name] + max_prompt_chars / CHARS_PER_TOKEN
+    if name == "reflect" and cfg.strategy == "forward":  # the forward T2 request quotes T1
+        prompt += _output_tokens(cfg.think.model, "think")
+        longest += (regex_max_chars(cfg.think.model, "think") if cfg.think.model.structured else 0) / CHARS_PER_TOKEN
+    return TextLoad(prompt, len(images), per_image, _output_tokens(model, name), longest)
+
+
+def text_rate(cfg: BuildConfig, name: str, res: ResourceConfig, max_prompt_chars: int) -> tuple[float | None, str]:
+    """Trajectories/s of one vLLM engine for T1 (`name` think) or T2 (reflect): decode of the expected output plus
+    prefill of the prompt and image tokens plus the vision encoder, from the assumptions above."""
+    model = stage_config(cfg, name).model
     if res.num_gpus <= 0:
         return None, "runs on CPU: no built-in figure (set resources.items_per_second)"
     if model.engine != "vllm":
@@ -301,54 +460,118 @@ def text_rate(model: TextModelConfig, res: ResourceConfig, role: str) -> tuple[f
     size_note = f"{size:g}B" if size else f"size unknown, {DEFAULT_PARAMS_BILLIONS:g}B assumed"
     size = size or DEFAULT_PARAMS_BILLIONS
     gpus = min(float(model.tensor_parallel_size), res.num_gpus)  # a fraction of a GPU gets that share
-    tokens_per_s = VLLM_TOKENS_PER_GPU_SECOND_X_BILLIONS / size * gpus
-    if model.structured:
-        tokens = min(model.max_tokens, MEAN_FILL * regex_max_chars(model, role) / CHARS_PER_TOKEN)
-    else:
-        tokens = MEAN_FILL * model.max_tokens
-    rate = tokens_per_s / tokens
-    return rate, (
-        f"assumed: vLLM {size_note} on {gpus:g} GPU(s) ~{tokens_per_s:,.0f} output tok/s, ~{tokens:,.0f} tok/item"
+    load = text_load(cfg, name, max_prompt_chars)
+    decode_per_s = VLLM_TOKENS_PER_GPU_SECOND_X_BILLIONS / size * gpus
+    prefill_per_s = PREFILL_FLOPS_PER_GPU * gpus / (2 * size * 1e9)
+    prefill_tokens = load.prompt_tokens + load.image_tokens
+    vision_flops = 2 * VISION_ENCODER_BILLIONS * 1e9 * 4 * load.image_tokens  # 4 patches per merged token
+    seconds = (
+        load.output_tokens / decode_per_s
+        + prefill_tokens / prefill_per_s
+        + vision_flops / (PREFILL_FLOPS_PER_GPU * gpus)
+    )
+    images = f", {load.images} image(s) x {load.tokens_per_image:,} tok" if load.images else ""
+    return 1 / seconds, (
+        f"assumed: vLLM {size_note} on {gpus:g} GPU(s): decode ~{decode_per_s:,.0f} output tok/s x "
+        f"~{load.output_tokens:,.0f} tok + prefill ~{prefill_per_s:,.0f} tok/s x ~{prefill_tokens:,.0f} tok{images}"
     )
 
 
-def image_rate(model: ImageModelConfig, res: ResourceConfig, refine_from_i1: bool) -> tuple[float | None, str]:
-    """Trajectories/s of one diffusers replica: seconds/step x steps run x pixels / 1024^2."""
+def _image_step(model: ImageModelConfig) -> tuple[float, str]:
+    """Seconds per denoising step at 1024^2 of `model` as configured (eager, or compiled with `compile: true`)."""
+    eager, source = _lookup(model.model, IMAGE_SECONDS_PER_STEP, DEFAULT_IMAGE_SECONDS_PER_STEP)
+    if not model.compile:
+        return eager, source
+    compiled = _lookup(model.model, IMAGE_COMPILED_SECONDS_PER_STEP, (None, ""))
+    if compiled[0] is not None:
+        return compiled
+    return eager * COMPILE_SPEEDUP[0], f"{source}; compiled: {COMPILE_SPEEDUP[1]}"
+
+
+def image_seconds(model: ImageModelConfig, refine_from_i1: bool, fmt: str) -> tuple[float, float, str]:
+    """(GPU seconds, CPU seconds, source) of one image: denoising steps, text encoders, VAE decode (and encode of I1
+    for image-to-image), then decoding I1 and encoding the result on the actor's CPU."""
+    per_step, step_source = _image_step(model)
+    img2img = refine_from_i1 and model.img2img
+    steps = max(math.floor(model.steps * model.strength), 1) if img2img else model.steps
+    pixels = model.height * model.width / (1024 * 1024)
+    key = model.model.lower()
+    encoders, vae, extra_source = next(
+        ((e, v, s) for needle, e, v, s in IMAGE_PIPELINE_SECONDS if needle in key), DEFAULT_IMAGE_PIPELINE_SECONDS
+    )
+    denoise = per_step * steps * pixels
+    vae_s = vae * pixels * (1 + (VAE_ENCODE_OF_DECODE if img2img else 0.0))
+    cpu = IMAGE_ENCODE_CPU_SECONDS[fmt] * pixels + (IMAGE_DECODE_CPU_SECONDS[fmt] * pixels if img2img else 0.0)
+    note = f" (img2img: {steps} of {model.steps} steps)" if img2img else ""
+    source = (
+        f"{step_source}; {extra_source}; {fmt} encoding: {CPU_FIGURES_SOURCE}; {denoise + encoders + vae_s + cpu:.2f} "
+        f"s/image here = {steps} steps {denoise:.2f} s + encoders/VAE {encoders + vae_s:.2f} s + CPU {cpu:.2f} s{note}"
+    )
+    return denoise + encoders + vae_s, cpu, source
+
+
+def image_rate(
+    model: ImageModelConfig, res: ResourceConfig, refine_from_i1: bool, fmt: str
+) -> tuple[float | None, str]:
+    """Trajectories/s of one diffusers replica (one image each)."""
     if res.num_gpus <= 0:
         return None, "runs on CPU: no built-in figure (set resources.items_per_second)"
-    per_step, source = _lookup(model.model, IMAGE_SECONDS_PER_STEP, DEFAULT_IMAGE_SECONDS_PER_STEP)
-    steps = math.floor(model.steps * model.strength) if refine_from_i1 and model.img2img else model.steps
-    seconds = per_step * max(steps, 1) * (model.height * model.width) / (1024 * 1024)
+    gpu_s, cpu_s, source = image_seconds(model, refine_from_i1, fmt)
     share = min(res.num_gpus, 1.0)  # a fractional GPU shares the device with other actors
-    img2img = f" (img2img: {steps} of {model.steps} steps)" if refine_from_i1 and model.img2img else ""
-    return share / seconds, f"{source}; {seconds:.2f} s/image here{img2img}"
+    return 1 / (gpu_s / share + cpu_s), source
 
 
-def clip_rate(model_name: str, res: ResourceConfig) -> tuple[float | None, str]:
-    """Trajectories/s of one open_clip replica: two images per trajectory."""
+def preprocess_threads(cfg: BuildConfig, res: ResourceConfig) -> int:
+    """The score stage's preprocessing threads: the config's, else the actor's CPUs (what Ray gives it as
+    OMP_NUM_THREADS), at most MAX_PREPROCESS_THREADS."""
+    if cfg.score.model.preprocess_threads:
+        return cfg.score.model.preprocess_threads
+    return max(1, min(int(res.num_cpus), MAX_PREPROCESS_THREADS))
+
+
+def clip_rate(cfg: BuildConfig, res: ResourceConfig, threads: int | None = None) -> tuple[float | None, str]:
+    """Trajectories/s of one open_clip replica: two images per trajectory through the model on the GPU, and decoded
+    and preprocessed on `threads` CPU threads meanwhile (stages/engines/clip.py overlaps the two): the slower side
+    sets the rate."""
     if res.num_gpus <= 0:
         return None, "runs on CPU: no built-in figure (set resources.items_per_second)"
-    per_s, source = _lookup(model_name, CLIP_IMAGES_PER_SECOND, DEFAULT_CLIP_IMAGES_PER_SECOND)
-    return per_s * min(res.num_gpus, 1.0) / 2, source
+    per_s, source = _lookup(cfg.score.model.model, CLIP_IMAGES_PER_SECOND, DEFAULT_CLIP_IMAGES_PER_SECOND)
+    gpu_s = 2 / (per_s * min(res.num_gpus, 1.0))
+    threads = threads or preprocess_threads(cfg, res)
+    cpu_s = score_cpu_seconds(cfg) / threads
+    bound = "CPU-bound" if cpu_s > gpu_s else "GPU-bound"
+    per_image = IMAGE_DECODE_CPU_SECONDS[cfg.images.format] + CLIP_PREPROCESS_CPU_SECONDS
+    return 1 / max(gpu_s, cpu_s), (
+        f"{source}; {cfg.images.format} decode + preprocessing {1000 * per_image:.0f} ms/image at 1024^2 on "
+        f"{threads} thread(s) ({CPU_FIGURES_SOURCE}): {bound}"
+    )
 
 
-def _stage_rate(cfg: BuildConfig, name: str, res: ResourceConfig) -> tuple[float | None, str]:
+def score_cpu_seconds(cfg: BuildConfig) -> float:
+    """CPU seconds (one core) to decode and preprocess one trajectory's I1 and I2 for the scorer."""
+    pixels = sum(m.height * m.width for m in (cfg.draw_initial.model, cfg.draw_refined.model)) / (1024 * 1024)
+    return (IMAGE_DECODE_CPU_SECONDS[cfg.images.format] + CLIP_PREPROCESS_CPU_SECONDS) * pixels
+
+
+def _max_prompt_chars(sources: list[PromptSourceConfig]) -> int:
+    """The longest prompt the sources let through (prompts longer than a source's max_chars are filtered)."""
+    return max((s.max_chars for s in sources), default=PromptSourceConfig().max_chars)
+
+
+def _stage_rate(cfg: BuildConfig, name: str, res: ResourceConfig, max_prompt_chars: int) -> tuple[float | None, str]:
     if res.items_per_second is not None:
         return res.items_per_second, "config: resources.items_per_second"
-    if name in ("think", "reflect"):
-        return text_rate(getattr(cfg, name).model, res, name)
-    if name in ("draw_initial", "draw_refined"):
+    kind = stage_info(name).kind
+    if kind == "text":
+        return text_rate(cfg, name, res, max_prompt_chars)
+    if kind == "image":
         forward_refine = name == "draw_refined" and cfg.strategy == "forward"
-        return image_rate(getattr(cfg, name).model, res, forward_refine)
-    return clip_rate(cfg.score.model.model, res)
+        return image_rate(stage_config(cfg, name).model, res, forward_refine, cfg.images.format)
+    return clip_rate(cfg, res)
 
 
 def _stage_model(cfg: BuildConfig, name: str) -> str:
-    if name == "score":
-        return f"{cfg.score.model.model} / {cfg.score.model.pretrained}"
-    if name == "assemble":
-        return "(records check, CPU)"
-    return getattr(cfg, name).model.model
+    return model_label(cfg, name) or "(records check, CPU)"
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -376,6 +599,7 @@ class Plan:
     upload_bytes: float | None
     cluster: ClusterSpec | None
     warnings: list[str] = field(default_factory=list)
+    options: list[str] = field(default_factory=list)  # settings that would make the build faster (not warnings)
 
 
 def make_plan(
@@ -393,8 +617,6 @@ def make_plan(
     `prompts_path` and `limit` mean what `irgl build --prompts/--limit` mean: one file replaces the sources, and
     at most `limit` prompts are used.
     """
-    from pipeline.build import stage_graph
-
     warnings: list[str] = []
     prompt_sources = cfg.prompts
     if prompts_path is not None:  # as stages.prompts.load_sources does for --prompts
@@ -413,25 +635,27 @@ def make_plan(
     if n == 0:
         warnings.append("the prompt sources yield no prompts")
 
+    longest_prompt = _max_prompt_chars(prompt_sources)
     stages = []
-    for spec in stage_graph(cfg):
-        res = spec.resources
-        if res is None:
-            stages.append(StagePlan(spec.name, _stage_model(cfg, spec.name), None, None, "cheap CPU step"))
+    for info in stage_order(cfg.strategy):  # the registry: the strategy's order, each stage's config section
+        section = stage_config(cfg, info.name)
+        if section is None:
+            stages.append(StagePlan(info.name, _stage_model(cfg, info.name), None, None, "cheap CPU step"))
             continue
-        rate, source = _stage_rate(cfg, spec.name, res)
-        sp = StagePlan(spec.name, _stage_model(cfg, spec.name), res, rate, source)
+        res = section.resources
+        rate, source = _stage_rate(cfg, info.name, res, longest_prompt)
+        sp = StagePlan(info.name, _stage_model(cfg, info.name), res, rate, source)
         if rate and n is not None:
             sp.busy_seconds = n / rate
             sp.wall_seconds = sp.busy_seconds / res.replicas
         stages.append(sp)
 
-    model_stages = [s for s in stages if s.resources is not None]
-    known = all(s.wall_seconds is not None for s in model_stages) and n is not None
-    wall = max(s.wall_seconds or 0.0 for s in model_stages) if known else None
-    bottleneck = max(model_stages, key=lambda s: s.wall_seconds or 0.0).name if known else None
+    pools = [s for s in stages if s.resources is not None]
+    known = all(s.wall_seconds is not None for s in pools) and n is not None
+    wall = max(s.wall_seconds or 0.0 for s in pools) if known else None
+    bottleneck = max(pools, key=lambda s: s.wall_seconds or 0.0).name if known else None
     total_gpus = sum(s.gpus_held for s in stages)
-    busy = sum((s.busy_seconds or 0.0) * s.resources.num_gpus for s in model_stages) / 3600 if known else None
+    busy = sum((s.busy_seconds or 0.0) * s.resources.num_gpus for s in pools) / 3600 if known else None
     reserved = total_gpus * wall / 3600 if wall is not None else None
 
     kept = None if n is None else int(round(n * keep_rate))
@@ -445,7 +669,7 @@ def make_plan(
         disk = parquet + wds + kept * 2 * per_image  # + OUT/trajectories (I1, I2 once)
         upload = parquet
 
-    warnings += _config_warnings(cfg)
+    warnings += _config_warnings(cfg, longest_prompt)
     if cluster is not None:
         warnings += _cluster_warnings(stages, cluster)
     return Plan(
@@ -466,54 +690,139 @@ def make_plan(
         upload_bytes=upload,
         cluster=cluster,
         warnings=warnings,
+        options=_options(cfg, stages, n),
     )
 
 
-def _config_warnings(cfg: BuildConfig) -> list[str]:
-    """Requests that fail or waste GPUs whatever the cluster: vLLM parallelism vs GPUs per actor, token budgets
-    the structured-output regex can exceed, image sizes the official trainer rejects, models left on CPU."""
+def _options(cfg: BuildConfig, stages: list[StagePlan], n: int | None) -> list[str]:
+    """Settings that would speed a stage up, with what they would change: the image engine's `compile`, and more
+    preprocessing CPUs for a CPU-bound scorer. Only for stages planned from the built-in figures."""
     out = []
-    for name in ("think", "reflect"):
-        stage = getattr(cfg, name)
-        m, r = stage.model, stage.resources
-        tp = m.tensor_parallel_size
-        if m.engine == "vllm" and r.num_gpus > 0 and r.num_gpus < tp:
+    for s in stages:
+        r = s.resources
+        if r is None or r.items_per_second is not None or r.num_gpus <= 0:
+            continue
+        kind = stage_info(s.name).kind
+        if kind == "image":
+            model = stage_config(cfg, s.name).model
+            if model.compile:
+                continue
+            refine = s.name == "draw_refined" and cfg.strategy == "forward"
+            eager_step, _ = _image_step(model)
+            fast = model.model_copy(update={"compile": True})
+            compiled_step, _ = _image_step(fast)
+            measured = _lookup(model.model, IMAGE_COMPILED_SECONDS_PER_STEP, (0.0, ""))[0] > 0
+            basis = "measured" if measured else "assumed: FLUX.1-dev's speed-up"
+            rate, _ = image_rate(fast, r, refine, cfg.images.format)
+            wall = ""
+            if n:
+                wall = f"; this stage's wall time {_duration(s.wall_seconds)} -> {_duration(n / rate / r.replicas)}"
             out.append(
-                f"{name}: tensor_parallel_size={tp} needs {tp} GPUs per actor but resources.num_gpus={r.num_gpus:g}"
-                " (vLLM fails: world size larger than the visible GPUs)"
+                f"{s.name}: `compile: true` (torch.compile of the denoiser; minutes of compilation per actor at start) "
+                f"runs a step in ~{compiled_step:.3f} s instead of {eager_step:.3f} s ({basis}): "
+                f"{s.items_per_second:.3g} -> "
+                f"{rate:.3g} images/s per replica{wall}"
             )
-        elif m.engine == "vllm" and r.num_gpus > tp:
-            out.append(f"{name}: resources.num_gpus={r.num_gpus:g} > tensor_parallel_size={tp}: GPUs left idle")
+        elif kind == "score" and cfg.score.model.preprocess_threads is None:
+            per_s, _ = _lookup(cfg.score.model.model, CLIP_IMAGES_PER_SECOND, DEFAULT_CLIP_IMAGES_PER_SECOND)
+            threads = preprocess_threads(cfg, r)
+            rate, source = clip_rate(cfg, r)
+            if "CPU-bound" not in source or threads >= MAX_PREPROCESS_THREADS:
+                continue
+            # Threads whose preprocessing keeps up with the GPU: CPU seconds per trajectory x GPU trajectories/s.
+            gpu_rate = per_s * min(r.num_gpus, 1.0) / 2
+            need = min(MAX_PREPROCESS_THREADS, math.ceil(score_cpu_seconds(cfg) * gpu_rate))
+            faster, _ = clip_rate(cfg, r, need)
+            out.append(
+                f"{s.name}: CPU-bound ({threads} preprocessing thread(s) from resources.num_cpus={r.num_cpus:g}); "
+                f"num_cpus: {need} would raise it from {rate:,.0f} to {faster:,.0f} trajectories/s per replica"
+            )
+    return out
+
+
+def _config_warnings(cfg: BuildConfig, max_prompt_chars: int) -> list[str]:
+    """Requests that fail or waste GPUs whatever the cluster: token budgets shorter than what the structured-output
+    regex allows, section caps a real model runs into, contexts that cannot hold prompt + images + output, image
+    sizes the official trainer rejects, compiling on CPU, models left on CPU."""
+    out = []
+    for info in (s for s in model_stages() if s.kind == "text"):
+        name = info.name
+        stage = stage_config(cfg, name)
+        m = stage.model  # (GPUs per actor vs tensor_parallel_size: the config itself refuses a mismatch)
         if m.structured:
+            # A token holds at least one character of this regex's text for any tokenizer that can spell the
+            # characters it allows, except multi-byte ones (up to 4 bytes each): 4 x is safe by construction.
             limit = regex_max_chars(m, name)
             if m.max_tokens < limit:
                 out.append(
-                    f"{name}: max_tokens={m.max_tokens} < {limit} characters the regex allows: long outputs are cut "
-                    f"off and fail (safe by construction: {4 * limit})"
+                    f"{name}: max_tokens={m.max_tokens} < {limit} characters the regex allows: the engine stops at "
+                    f"max_tokens, so long outputs are cut off and fail (safe by construction: {4 * limit})"
                 )
-        if m.max_model_len < m.max_tokens + 256:
-            out.append(f"{name}: max_model_len={m.max_model_len} leaves no room for the prompt next to max_tokens")
-    for name in ("draw_initial", "draw_refined"):
-        m = getattr(cfg, name).model
+            floor = MIN_SECTION_CHARS[name]
+            if m.max_section_chars < floor and not m.model.startswith("tiny:"):
+                part = "the plan" if name == "think" else "each reflection part"
+                out.append(
+                    f"{name}: max_section_chars={m.max_section_chars} caps {part} below the ~{floor} characters a "
+                    f"real model writes there (assumed): rows whose text reaches the cap fail; raise it to >= {floor}"
+                )
+        load = text_load(cfg, name, max_prompt_chars)
+        needed = math.ceil(load.max_prompt_tokens + load.image_tokens + m.max_tokens)
+        if needed > m.max_model_len:
+            images = f" + {load.images} image(s) x {load.tokens_per_image:,}" if load.images else ""
+            out.append(
+                f"{name}: max_model_len={m.max_model_len} < ~{needed:,} tokens = the longest prompt "
+                f"~{load.max_prompt_tokens:,.0f}{images} + max_tokens {m.max_tokens:,}: outputs are cut at the context "
+                "end and fail (a prompt longer than the context is refused); raise max_model_len or lower max_tokens"
+            )
+    for info in (s for s in model_stages() if s.kind == "image"):
+        name = info.name
+        stage = stage_config(cfg, name)
+        m = stage.model
         long_side, short_side = max(m.height, m.width), min(m.height, m.width)
         if long_side > TRAINER_MAX_LONG_SIDE or short_side < TRAINER_MIN_SHORT_SIDE:
             out.append(
                 f"{name}: {m.width}x{m.height} images are outside what the official IRG trainer accepts "
                 f"(long side <= {TRAINER_MAX_LONG_SIDE}, short side >= {TRAINER_MIN_SHORT_SIDE})"
             )
-    for name in ("think", "draw_initial", "reflect", "draw_refined", "score"):
-        model = _stage_model(cfg, name)
-        if getattr(cfg, name).resources.num_gpus == 0 and not model.startswith("tiny:"):
-            out.append(f"{name}: {model} has resources.num_gpus=0 and will run on CPU")
+        if m.compile and stage.resources.num_gpus == 0:
+            out.append(
+                f"{name}: compile: true on CPU (resources.num_gpus=0): torch.compile costs minutes at every actor "
+                "start for no measured gain there; set compile: false"
+            )
+    for info in model_stages():
+        model = _stage_model(cfg, info.name)
+        if stage_config(cfg, info.name).resources.num_gpus == 0 and not model.startswith("tiny:"):
+            out.append(f"{info.name}: {model} has resources.num_gpus=0 and will run on CPU")
     return out
 
 
 def _cluster_warnings(stages: list[StagePlan], cluster: ClusterSpec) -> list[str]:
-    """Can Ray place every actor of every pool at once (the pools run concurrently for the whole job)?"""
+    """Does the cluster start the GPUs the plan assumes, and can Ray place every actor of every pool at once (the
+    pools run concurrently for the whole job)?"""
     out = []
     for t in cluster.node_types:
         if not t.head and not t.gpus_declared:
             out.append(f"cluster {cluster.path}: node type {t.name} declares no GPU resource; GPU checks count it as 0")
+    gpu_types = cluster.gpu_node_types
+    if len(gpu_types) > 1:
+        # Ray's autoscaler picks the node type with the best utilisation score for the pending actors (it preferred
+        # 96-CPU A100 nodes over 192-CPU H100 nodes for irgl's actors), never by GPU model.
+        names = ", ".join(f"{t.name} ({t.accelerator or 'GPU model unknown'})" for t in gpu_types)
+        out.append(
+            f"cluster {cluster.path}: {len(gpu_types)} GPU node types ({names}): Ray's autoscaler chooses among them "
+            "by its own utilisation score, not by GPU model, so the plan cannot know which GPUs start; keep one GPU "
+            "node type per cluster file (ray_cluster.yaml: H100, ray_cluster_a100.yaml: A100)"
+        )
+    builtin = [s.name for s in stages if s.resources is not None and s.resources.num_gpus > 0
+               and s.resources.items_per_second is None]  # fmt: skip
+    for t in gpu_types:
+        if builtin and t.accelerator != ASSUMED_GPU:
+            gpu = t.accelerator or "an unknown GPU model"
+            out.append(
+                f"cluster {cluster.path}: node type {t.name} has {gpu}, but the built-in figures of "
+                f"{', '.join(builtin)} are {ASSUMED_GPU} figures: time and GPU-hours are off (an A100 is about half as "
+                "fast, assumed); set resources.items_per_second from a pilot build on these nodes"
+            )
     per_node = cluster.max_gpus_per_node
     for s in stages:
         r = s.resources
@@ -623,11 +932,17 @@ def format_plan(plan: Plan) -> str:
     lines.append(f"disk for OUT: ~{_size(plan.disk_bytes)}; Hub upload (Parquet): ~{_size(plan.upload_bytes)}")
     if plan.cluster is not None:
         c = plan.cluster
-        kinds = ", ".join(f"{t.name}: {t.gpus:g} GPUs x {t.max_count}" for t in c.node_types)
+        kinds = ", ".join(
+            f"{t.name}: {t.gpus:g} GPUs{f' ({t.accelerator})' if t.accelerator else ''} x {t.max_count}"
+            for t in c.node_types
+        )
         lines.append(f"cluster {c.path}: at most {c.max_gpus:g} GPUs ({kinds}; max_workers {c.max_workers})")
     else:
         lines.append("cluster: not given (pass --cluster ray_cluster.yaml to check that every actor can be placed)")
+    lines.append(f"built-in figures are for {ASSUMED_GPU} GPUs; each stage's rate source says measured or assumed")
     lines.append("")
+    for option in plan.options:
+        lines.append(f"option: {option}")
     if plan.warnings:
         for w in plan.warnings:
             lines.append(f"warning: {w}")

@@ -10,6 +10,7 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
+from pipeline import plan as P
 from pipeline.cli_hub import plan_command
 from pipeline.plan import (
     IMAGE_SECONDS_PER_STEP,
@@ -19,9 +20,11 @@ from pipeline.plan import (
     params_billions,
     plan_from_file,
     split_slice_count,
+    vlm_image_tokens,
 )
-from schemas.config import load_build_config
+from schemas.config import ConfigError, load_build_config
 from schemas.modes import MODES
+from schemas.stages import STAGE_NAMES, STAGES, STRATEGY_ORDER, model_stages, stage_order
 
 ROOT = Path(__file__).resolve().parents[1]
 FORWARD = ROOT / "configs" / "irgl-300k.yaml"
@@ -86,7 +89,9 @@ def test_presets_plan_cleanly(preset: Path, order: list[str], gpus: int, no_netw
     assert plan.total_gpus == gpus <= plan.cluster.max_gpus
     # Plausible H100 numbers: the job takes hours (not minutes, not weeks); reserved >= busy GPU-hours.
     assert 4 * 3600 < plan.wall_seconds < 24 * 3600
-    assert 200 < plan.gpu_hours_busy <= plan.gpu_hours_reserved < 1000
+    assert 200 < plan.gpu_hours_busy <= plan.gpu_hours_reserved < 1500
+    # With prompt and image tokens counted, the VLM stages are the slowest (T2 reads 1 or 2 images of 1,369 tokens).
+    assert plan.bottleneck == "reflect"
     # Replicas are balanced: every GPU-heavy stage (not the CLIP scorer) is busy at least half of the wall time.
     for s in plan.stages:
         if s.name not in ("score", "assemble"):
@@ -95,19 +100,140 @@ def test_presets_plan_cleanly(preset: Path, order: list[str], gpus: int, no_netw
 
 
 def test_forward_estimates_follow_the_figures() -> None:
-    """FLUX.1-dev img2img at strength 0.6 runs 16 of 28 steps at 5.1/28 s per step; the 72B VLM at TP=4 gets the
-    assumed 2,000 tok/s."""
+    """Every part of a trajectory's cost, from the figures: FLUX.1-dev img2img at strength 0.6 runs 16 of 28 steps
+    at 0.183 s/step, plus text encoders, VAE decode and encode of I1, and JPEG decode/encode on the CPU; the 72B VLM
+    at TP=4 decodes at the assumed 2,000 tok/s and prefills its prompt and I1's 1,369 tokens; the scorer is
+    CPU-bound on 8 preprocessing threads."""
     plan = plan_from_file(FORWARD)
     stages = {s.name: s for s in plan.stages}
     flux_step = next(v for k, v, _ in IMAGE_SECONDS_PER_STEP if k == "flux")
-    assert stages["draw_refined"].items_per_second == pytest.approx(1 / (16 * flux_step))
-    assert stages["draw_initial"].items_per_second == pytest.approx(1 / (4 * flux_step))
-    assert stages["score"].items_per_second == pytest.approx(1300)
-    assert "2,000 output tok/s" in stages["think"].rate_source
+    assert flux_step == 0.183
+    _, encoders, vae, _ = next(row for row in P.IMAGE_PIPELINE_SECONDS if row[0] == "flux")
+    jpeg_encode, jpeg_decode = P.IMAGE_ENCODE_CPU_SECONDS["jpeg"], P.IMAGE_DECODE_CPU_SECONDS["jpeg"]
+    refined = 16 * flux_step + encoders + vae * (1 + P.VAE_ENCODE_OF_DECODE) + jpeg_encode + jpeg_decode
+    assert stages["draw_refined"].items_per_second == pytest.approx(1 / refined)
+    assert stages["draw_initial"].items_per_second == pytest.approx(1 / (4 * flux_step + encoders + vae + jpeg_encode))
+    assert (
+        "16 steps 2.93 s + encoders/VAE 0.14 s + CPU 0.02 s (img2img: 16 of 28 steps)"
+        in stages["draw_refined"].rate_source
+    )
+    # Scoring: 2 images x (decode + preprocessing) on 8 threads is slower than ViT-L/14's 2 x 1/2,600 s on the GPU.
+    cpu = 2 * (jpeg_decode + P.CLIP_PREPROCESS_CPU_SECONDS) / 8
+    assert cpu > 2 / 2600 and stages["score"].items_per_second == pytest.approx(1 / cpu)
+    assert "CPU-bound" in stages["score"].rate_source
+    # Text: decode + prefill (+ the vision encoder for T2's image); T1 forward is text only.
+    decode_tps, prefill_tps = 36_000 / 72 * 4, 400e12 * 4 / (2 * 72e9)
+    think_out = 0.5 * P.regex_max_chars(load_build_config(FORWARD).think.model, "think") / 4
+    think_in = P.INSTRUCTION_TOKENS["think"] + P.MEAN_PROMPT_CHARS / 4
+    assert stages["think"].items_per_second == pytest.approx(1 / (think_out / decode_tps + think_in / prefill_tps))
+    assert "decode ~2,000 output tok/s" in stages["think"].rate_source and "image" not in stages["think"].rate_source
+    reflect_out = 0.5 * P.regex_max_chars(load_build_config(FORWARD).reflect.model, "reflect") / 4
+    reflect_in = P.INSTRUCTION_TOKENS["reflect"] + P.MEAN_PROMPT_CHARS / 4 + think_out + 1369
+    vision = 2 * 0.67e9 * 4 * 1369 / (400e12 * 4)
+    expected = 1 / (reflect_out / decode_tps + reflect_in / prefill_tps + vision)
+    assert stages["reflect"].items_per_second == pytest.approx(expected)
+    assert "1 image(s) x 1,369 tok" in stages["reflect"].rate_source
+    # Prefill is no rounding error: without it T2 would be more than twice as fast.
+    assert stages["reflect"].items_per_second < 0.5 * decode_tps / reflect_out
     n = plan.trajectories
-    assert stages["draw_refined"].wall_seconds == pytest.approx(n * 16 * flux_step / 32)
-    assert plan.bottleneck in ("draw_initial", "draw_refined")
+    assert stages["draw_refined"].wall_seconds == pytest.approx(n * refined / 32)
     assert plan.wall_seconds == max(s.wall_seconds or 0 for s in plan.stages)
+
+
+def test_hindsight_vlm_requests_carry_their_images() -> None:
+    """Hindsight: T1 looks at I2, T2 at I1 and I2; each 1024^2 image is 1,369 tokens of prefill."""
+    stages = {s.name: s for s in plan_from_file(HINDSIGHT).stages}
+    assert "1 image(s) x 1,369 tok" in stages["think"].rate_source
+    assert "2 image(s) x 1,369 tok" in stages["reflect"].rate_source
+    cfg = load_build_config(HINDSIGHT)
+    assert P.text_load(cfg, "reflect", 2000).image_tokens == 2 * 1369
+    assert P.text_load(cfg, "think", 2000).images == 1
+
+
+def test_vlm_image_tokens() -> None:
+    """Qwen2.5-VL: sides rounded to multiples of 28 px, one token per 28x28 px, at most 12,845,056 px."""
+    assert vlm_image_tokens(1024, 1024) == 37 * 37 == 1369  # ~1,400 tokens for a 1024x1024 image
+    assert vlm_image_tokens(512, 512) == 18 * 18
+    assert vlm_image_tokens(1344, 768) == 48 * 27
+    assert vlm_image_tokens(8192, 8192) * 28 * 28 <= 12_845_056  # scaled down to max_pixels
+
+
+def test_compile_option_is_offered_and_planned(tmp_path: Path) -> None:
+    """With `compile: false` the plan offers torch.compile with its measured figure; with `compile: true` it plans
+    with 0.133 s/step (FLUX.1-dev on an H100) and the generation hash does not change."""
+    plan = plan_from_file(FORWARD)
+    offered = [o for o in plan.options if "`compile: true`" in o]
+    assert [o.split(":")[0] for o in offered] == ["draw_initial", "draw_refined"]
+    assert "~0.133 s instead of 0.183 s (measured)" in offered[1]
+    result = _run(FORWARD)
+    assert "option: draw_refined: `compile: true`" in result.output and "warning:" not in result.output
+
+    def edit(d: dict) -> None:
+        d["draw_refined"]["model"]["compile"] = True
+
+    path = _preset_copy(tmp_path, FORWARD, edit)
+    compiled = plan_from_file(path)
+    before = {s.name: s for s in plan.stages}["draw_refined"]
+    after = {s.name: s for s in compiled.stages}["draw_refined"]
+    assert "torch.compile: 0.133 s/step" in after.rate_source
+    saved = 16 * (0.183 - 0.133)
+    assert 1 / after.items_per_second == pytest.approx(1 / before.items_per_second - saved)
+    assert [o.split(":")[0] for o in compiled.options if "compile" in o] == ["draw_initial"]
+    assert load_build_config(path).generation_hash() == load_build_config(FORWARD).generation_hash()
+    # A model without a compiled figure gets FLUX.1-dev's speed-up, said to be assumed.
+    sana = [o for o in plan_from_file(HINDSIGHT).options if o.startswith("draw_initial: `compile")]
+    assert len(sana) == 1 and "assumed: FLUX.1-dev's speed-up" in sana[0]
+
+
+def test_compile_on_cpu_warns(tmp_path: Path) -> None:
+    def edit(d: dict) -> None:
+        d["draw_initial"]["model"]["compile"] = True
+
+    cfg = load_build_config(ROOT / "configs" / "tiny.yaml", {"draw_initial.model.compile": True})
+    warnings = make_plan(cfg).warnings
+    assert any(w.startswith("draw_initial: compile: true on CPU") for w in warnings)
+    assert not any("compile" in w for w in make_plan(load_build_config(ROOT / "configs" / "tiny.yaml")).warnings)
+
+
+def test_image_engine_compiles_the_denoiser() -> None:
+    """`compile: true` wraps the UNet/transformer with torch.compile in place at setup (compilation itself is lazy,
+    at the first call, so this test stays cheap on CPU); the image-to-image variant shares the compiled module."""
+    from schemas.config import ImageModelConfig
+    from stages.engines.image import DiffusersImageEngine
+    from stages.tiny import tiny_path
+
+    cfg = {"model": str(tiny_path("tiny:sd")), "steps": 2, "height": 64, "width": 64, "img2img": True}
+    eager = DiffusersImageEngine(ImageModelConfig(**cfg), device="cpu")
+    eager.setup()
+    assert eager.compiled is None and eager._t2i.unet._compiled_call_impl is None
+    engine = DiffusersImageEngine(ImageModelConfig(**cfg, compile=True), device="cpu")
+    engine.setup()
+    assert engine.compiled == "unet"
+    assert engine._t2i.unet._compiled_call_impl is not None
+    assert engine._i2i.unet is engine._t2i.unet
+    assert "compile" not in ImageModelConfig(**cfg, compile=True).model_dump()  # never hashed, never in build.json
+
+
+def test_scorer_cpu_bound_option(tmp_path: Path) -> None:
+    """The scorer's rate is the slower of GPU and CPU preprocessing; more CPUs help until the GPU is the limit."""
+    plan = plan_from_file(FORWARD)
+    option = [o for o in plan.options if o.startswith("score:")]
+    assert len(option) == 1 and "CPU-bound (8 preprocessing thread(s)" in option[0] and "num_cpus: 32" in option[0]
+
+    def edit(d: dict) -> None:
+        d["score"]["resources"]["num_cpus"] = 32
+
+    score = {s.name: s for s in plan_from_file(_preset_copy(tmp_path, FORWARD, edit)).stages}["score"]
+    assert score.items_per_second == pytest.approx(4 * 200)
+    assert "on 32 thread(s)" in score.rate_source
+
+    def more(d: dict) -> None:
+        d["score"]["model"]["model"] = "ViT-bigG-14"  # 400 images/s on the GPU: GPU-bound even on 8 threads
+
+    big = plan_from_file(_preset_copy(tmp_path, FORWARD, more))
+    assert {s.name: s for s in big.stages}["score"].items_per_second == pytest.approx(200)
+    assert "GPU-bound" in {s.name: s for s in big.stages}["score"].rate_source
+    assert not [o for o in big.options if o.startswith("score:")]
 
 
 def test_measured_throughput_in_the_config_wins(tmp_path: Path) -> None:
@@ -127,7 +253,6 @@ def test_impossible_gpu_requests_warn(tmp_path: Path) -> None:
         d["think"]["model"]["tensor_parallel_size"] = 16
         d["think"]["resources"]["num_gpus"] = 16  # no node has 16 GPUs
         d["draw_refined"]["resources"]["replicas"] = 80  # more GPUs than the cluster can have
-        d["reflect"]["resources"]["num_gpus"] = 2  # below tensor_parallel_size=4
         d["reflect"]["model"]["max_tokens"] = 2000  # the regex allows 2,570 characters
         d["draw_initial"]["model"]["height"] = 2048  # the official trainer takes long sides <= 1024
 
@@ -139,10 +264,9 @@ def test_impossible_gpu_requests_warn(tmp_path: Path) -> None:
     assert "think: an actor needs 16 GPUs on one node but the largest node type" in text
     assert "draw_refined: 80 replicas x 1 GPUs = 80 GPUs > 64 GPUs" in text
     assert "the stage pools hold" in text
-    assert "reflect: tensor_parallel_size=4 needs 4 GPUs per actor but resources.num_gpus=2" in text
-    assert "reflect: max_tokens=2000 < 2570 characters the regex allows" in text
+    assert "reflect: max_tokens=2000 < 2570 characters the regex allows: the engine stops at max_tokens" in text
     assert "draw_initial: 1024x2048 images are outside what the official IRG trainer accepts" in text
-    assert len(warnings) == 6
+    assert len(warnings) == 5, text
     assert _run(path, "--cluster", CLUSTER, "--strict").exit_code == 1
 
 
@@ -217,3 +341,103 @@ def test_params_from_model_ids() -> None:
     assert params_billions("Qwen/Qwen2.5-VL-72B-Instruct") == 72
     assert params_billions("Qwen/Qwen2.5-VL-7B-Instruct") == 7
     assert params_billions("black-forest-labs/FLUX.1-dev") is None
+
+
+def test_token_budget_and_cap_warnings(tmp_path: Path) -> None:
+    """`irgl plan` warns before a build makes rows fail: max_tokens below what the regex allows (the engine cuts
+    there), section caps below what a real model writes (rows that reach a cap fail), and a context that cannot
+    hold the longest prompt + its images + max_tokens."""
+
+    def edit(d: dict) -> None:
+        d["think"]["model"]["max_section_chars"] = 400  # a real plan runs to ~1,000 characters
+        d["think"]["model"]["max_tokens"] = 400  # < the 418 characters the T1 regex then allows
+        d["reflect"]["model"]["max_section_chars"] = 300  # reflection parts run to ~500
+        d["reflect"]["model"]["max_tokens"] = 6000
+        d["reflect"]["model"]["max_model_len"] = 7000  # < prompt ~1,025 + 1,369 (I1) + 6,000
+
+    path = _preset_copy(tmp_path, FORWARD, edit)
+    warnings = [line for line in _run(path).output.splitlines() if line.startswith("warning: ")]
+    text = "\n".join(warnings)
+    assert "think: max_tokens=400 < 418 characters the regex allows" in text
+    assert "think: max_section_chars=400 caps the plan below the ~1000 characters a real model writes" in text
+    assert "reflect: max_section_chars=300 caps each reflection part below the ~500 characters" in text
+    context = [w for w in warnings if w.startswith("warning: reflect: max_model_len=7000 <")]
+    assert len(context) == 1 and "+ 1 image(s) x 1,369 + max_tokens 6,000" in context[0]
+    assert len(warnings) == 4, text
+    # The numbers behind the context check: instruction + the longest prompt (max_chars 2,000 of the generator
+    # source) + the longest T1 the think regex allows, at ~4 characters per token.
+    cfg = load_build_config(path)
+    load = P.text_load(cfg, "reflect", 2000)
+    assert load.max_prompt_tokens == pytest.approx(P.INSTRUCTION_TOKENS["reflect"] + (2000 + 418) / 4)
+
+    # tiny: models write random text: no section-cap warning for them (the tiny preset plans without warnings).
+    tiny = make_plan(load_build_config(ROOT / "configs" / "tiny.yaml"))
+    assert not [w for w in tiny.warnings if "max_section_chars" in w or "max_model_len" in w or "max_tokens" in w]
+
+
+def test_presets_leave_room_for_prompts_and_images() -> None:
+    """Both presets pass the context check with the margins their comments claim."""
+    for preset in (FORWARD, HINDSIGHT):
+        cfg = load_build_config(preset)
+        for name in ("think", "reflect"):
+            m = getattr(cfg, name).model
+            load = P.text_load(cfg, name, max(s.max_chars for s in cfg.prompts))
+            assert load.max_prompt_tokens + load.image_tokens + m.max_tokens < m.max_model_len, (preset.name, name)
+            assert m.max_section_chars >= P.MIN_SECTION_CHARS[name]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The stage registry (schemas/stages.py): one list that the config, the build, the plan and the report read
+
+
+def test_stage_registry_is_what_everything_reads() -> None:
+    from pipeline.build import _model_names, stage_graph
+    from pipeline.report import _num_gpus
+
+    assert STAGE_NAMES == ("think", "draw_initial", "reflect", "draw_refined", "score", "assemble")
+    assert {s.name: s.kind for s in STAGES} == {
+        "think": "text", "draw_initial": "image", "reflect": "text", "draw_refined": "image", "score": "score",
+        "assemble": "cpu",
+    }  # fmt: skip
+    for preset in (FORWARD, HINDSIGHT, ROOT / "configs" / "tiny.yaml"):
+        cfg = load_build_config(preset)
+        order = list(STRATEGY_ORDER[cfg.strategy])
+        assert [s.name for s in stage_graph(cfg)] == order == [s.name for s in stage_order(cfg.strategy)]
+        assert [s.name for s in make_plan(cfg, limit=1).stages] == order
+        # The build's specs take each stage's model and resources from the section the registry names.
+        for spec in stage_graph(cfg):
+            section = getattr(cfg, spec.name) if spec.name != "assemble" else None
+            assert spec.resources == (section.resources if section else None)
+            assert spec.kwargs.get("model") == (section.model if section else None)
+        assert list(_model_names(cfg)) == [s.name for s in model_stages()]
+        dump = cfg.model_dump()
+        assert [_num_gpus(dump, n) for n in order] == [
+            getattr(cfg, n).resources.num_gpus if n != "assemble" else 0.0 for n in order
+        ]
+    assert _model_names(load_build_config(FORWARD))["score"] == "ViT-L-14/openai"
+
+
+def test_fault_injection_keys_come_from_the_registry(tmp_path: Path) -> None:
+    cfg = load_build_config(ROOT / "configs" / "tiny.yaml", {"fault_injection": {n: 0.5 for n in STAGE_NAMES}})
+    assert set(cfg.fault_injection) == set(STAGE_NAMES)
+    from pipeline.build import stage_graph
+
+    assert {s.name: s.kwargs["fault_rate"] for s in stage_graph(cfg)} == {n: 0.5 for n in STAGE_NAMES}
+    with pytest.raises(ConfigError) as err:
+        load_build_config(ROOT / "configs" / "tiny.yaml", {"fault_injection": {"reflekt": 0.5}})
+    assert "fault_injection.reflekt" in str(err.value) and "'draw_refined', 'score' or 'assemble'" in str(err.value)
+
+
+def test_generation_hash_is_keyed_by_registry_stages() -> None:
+    """The hash covers the model config of every model stage in the registry (a changed model id in any of them is a
+    new generation config); performance knobs (compile) stay out."""
+    cfg = load_build_config(FORWARD)
+    hashes = {cfg.generation_hash()}
+    for info in model_stages():
+        section = getattr(cfg, info.config_attr)
+        other = section.model_copy(update={"model": section.model.model_copy(update={"model": "org/other"})})
+        hashes.add(cfg.model_copy(update={info.config_attr: other}).generation_hash())
+    assert len(hashes) == 1 + len(model_stages()) == 6
+    fast = cfg.draw_refined.model.model_copy(update={"compile": True})
+    compiled = cfg.model_copy(update={"draw_refined": cfg.draw_refined.model_copy(update={"model": fast})})
+    assert compiled.draw_refined.model.compile and compiled.generation_hash() == cfg.generation_hash()
