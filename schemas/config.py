@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from schemas.stages import StageName, model_stages
+from schemas.stages import STAGES, StageName, model_stages
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -44,6 +44,13 @@ class ResourceConfig(StrictModel):
     num_gpus: float = Field(0.0, ge=0, description="GPUs per actor (fractions allowed, e.g. 0.5).")
     num_cpus: float = Field(1.0, gt=0, description="CPUs per actor; use fractions on small machines.")
     batch_size: int = Field(8, ge=1, description="Rows per batch handed to the stage.")
+    concurrent_batches: int = Field(
+        8,
+        ge=1,
+        description="Text stages (vLLM): batches one actor keeps in flight on its engine, which batches their "
+        "requests continuously (at most concurrent_batches x batch_size requests wait in the engine). Other "
+        "stages take one batch at a time.",
+    )
     items_per_second: float | None = Field(
         None,
         gt=0,
@@ -167,6 +174,15 @@ class RayConfig(StrictModel):
     address: str | None = Field(None, description="Ray cluster address ('auto' on a cluster); None starts local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="CPUs for a local Ray (None: all of this machine).")
     preserve_order: bool = Field(True, description="Keep input order through the stages (deterministic output).")
+    max_actor_restarts: int = Field(
+        20,
+        ge=0,
+        description="Restarts of a stage actor that died (killed, or ended itself because its engine died); its "
+        "in-flight batches are retried on the restarted actor.",
+    )
+    max_task_retries: int = Field(
+        3, ge=0, description="Retries of one batch on restarted actors before the build stops with the error."
+    )
     env_vars: dict[str, str] = Field(
         default_factory=dict,
         description="Environment for the stage workers (e.g. VLLM_CPU_KVCACHE_SPACE); the driver's value wins.",
@@ -213,6 +229,20 @@ class BuildConfig(StrictModel):
     @classmethod
     def _one_or_many(cls, value: object) -> object:
         return [value] if isinstance(value, dict) else value
+
+    @model_validator(mode="after")
+    def _tensor_parallel_placement(self) -> BuildConfig:
+        # A tensor-parallel engine runs its workers as child processes of its actor (vLLM's "mp" backend), on the
+        # GPUs Ray gave that actor: it must ask for exactly one GPU per worker (docs/ENGINES.md). No GPUs: CPU.
+        for name in (s.config_attr for s in STAGES if s.kind == "text"):
+            stage = getattr(self, name)
+            tp, gpus = stage.model.tensor_parallel_size, stage.resources.num_gpus
+            if gpus and gpus != tp:
+                raise ValueError(
+                    f"{name}.resources.num_gpus ({gpus:g}) must equal {name}.model.tensor_parallel_size ({tp}): the "
+                    "engine's tensor-parallel workers run on the GPUs Ray reserves for its actor"
+                )
+        return self
 
     def generation_hash(self) -> str:
         """Hash of everything that changes generated content (not resources, shard layout or Ray settings)."""
@@ -262,7 +292,8 @@ def load_yaml_model(path: str | Path, model: type[M], overrides: dict | None = N
         lines = []
         for err in exc.errors():
             loc = ".".join(str(x) for x in err["loc"])
-            lines.append(f"{path}: field '{loc}': {err['msg']}")
+            # A rule across fields (a model validator) has no location: its message names the fields itself.
+            lines.append(f"{path}: field '{loc}': {err['msg']}" if loc else f"{path}: {err['msg']}")
         raise ConfigError("\n".join(lines)) from exc
 
 

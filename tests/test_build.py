@@ -203,3 +203,16 @@ def test_cli_bad_inputs_fail_before_models_load(tmp_path: Path) -> None:
     assert not (tmp_path / "o").exists()
     with pytest.raises(Exception, match="config file not found"):
         load_build_config(str(tmp_path / "nope.yaml"))
+
+
+def test_a_tensor_parallel_engine_asks_for_one_gpu_per_worker(tmp_path: Path) -> None:
+    preset = Path(__file__).resolve().parents[1] / "configs" / "irgl-300k.yaml"
+    load_build_config(preset)  # the preset itself holds: 4 GPUs for a TP=4 reflect
+    data = yaml.safe_load(preset.read_text())
+    data["reflect"]["resources"]["num_gpus"] = 2
+    bad = tmp_path / "tp.yaml"
+    bad.write_text(yaml.safe_dump(data))
+    with pytest.raises(Exception) as info:
+        load_build_config(bad)
+    assert str(info.value).startswith(f"{bad}: Value error, reflect.resources.num_gpus (2) must equal "
+                                      "reflect.model.tensor_parallel_size (4)")  # fmt: skip
