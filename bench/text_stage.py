@@ -42,7 +42,7 @@ def make_requests(n: int, long_chars: int, seed: int = 0) -> list:
 
     rng = random.Random(seed)
     short = think_regex(40)
-    long = r"<think>\n[a-z]{%d}\n</think>" % long_chars  # the grammar holds it to exactly this length
+    long = rf"<think>\n[a-z]{{{long_chars}}}\n</think>"  # the grammar holds it to exactly this length
     out = []
     for i in range(n):
         regex = long if rng.random() < 0.1 else short

@@ -182,3 +182,30 @@ def test_transformers_fallback_on_tiny_vlm_with_images(tiny_vlm_path: Path) -> N
     )
     assert len(outputs) == 2 and all(o.strip() for o in outputs)
     engine.close()
+
+
+def test_tensor_parallel_engine_inside_a_ray_actor(ray_session, tiny_vlm_config: TextModelConfig) -> None:
+    """TP=2 on vLLM's CPU backend inside a Ray actor, placed as in production (docs/ENGINES.md): the engine core and
+    its two tensor-parallel workers are child processes of the actor (vLLM's "mp" backend), not Ray tasks."""
+    import psutil
+
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1", "VLLM_CPU_OMP_THREADS_BIND": "0|1"}  # one core per TP worker
+
+    @ray_session.remote(num_cpus=0.5, runtime_env={"env_vars": env})
+    class Engine:
+        def run(self, cfg: TextModelConfig) -> tuple[list[str], list[str]]:
+            engine = VLLMTextEngine(cfg)
+            engine.setup()
+            children = [" ".join(c.cmdline()).strip() for c in psutil.Process().children(recursive=True)]
+            requests = [
+                TextRequest(f"Plan image {i}.", regex=think_regex(TEST_SECTION_CHARS), seed=i) for i in range(4)
+            ]
+            texts = engine.generate(requests)
+            engine.close()
+            return children, texts
+
+    cfg = tiny_vlm_config.model_copy(update={"tensor_parallel_size": 2})
+    children, texts = ray_session.get(Engine.remote().run.remote(cfg), timeout=900)
+    assert "VLLM::EngineCore" in children
+    assert {"VLLM::Worker_TP0", "VLLM::Worker_TP1"} <= set(children), children
+    assert len(texts) == 4 and all(re.fullmatch(think_regex(TEST_SECTION_CHARS), t) for t in texts), texts
