@@ -14,6 +14,7 @@ The job, in order:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -28,6 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.fsio import fsync_rename, sha256_file, write_atomic
+from pipeline.logs import redirect_worker_output
 from pipeline.secrets import redact_env, redact_obj, secret_values
 from pipeline.shards import write_dataset
 from schemas.config import BuildConfig
@@ -65,6 +67,7 @@ class StageSpec:
     cls: type[Stage]
     kwargs: dict[str, Any]
     resources: Any = None  # schemas.config.ResourceConfig for model stages; None: one light CPU actor
+    log_dir: str | None = None  # where the stage's actors write their output (pipeline/logs.py); None: the console
 
     def make(self) -> Stage:
         return self.cls(**self.kwargs)
@@ -174,6 +177,7 @@ class _StageActor:
     """Ray Data adapter: builds the stage once per actor and maps Arrow batches through it (1:1 checked)."""
 
     def __init__(self, spec: StageSpec) -> None:
+        redirect_worker_output(spec.log_dir, spec.name)  # before the engine loads: its logs go to the file
         self.stage = spec.make()
         self.stage.setup()
 
@@ -193,20 +197,66 @@ _WORKER_ENV = (
 )  # fmt: skip
 
 
+def running_ray_address() -> str | None:
+    """The Ray instance that `ray.init()` without an address would join: $RAY_ADDRESS, else the instance that
+    `ray start` recorded on this machine (`ray_current_cluster` in Ray's temp dir). None: it would start one."""
+    try:
+        from ray._private.services import canonicalize_bootstrap_address  # Ray's own lookup, so we agree with it
+    except ImportError:
+        return os.environ.get("RAY_ADDRESS") or None
+    try:
+        return canonicalize_bootstrap_address(None)
+    except Exception:  # e.g. RAY_ADDRESS=auto with nothing running: ray.init will say so
+        return os.environ.get("RAY_ADDRESS") or None
+
+
 def init_ray(cfg: BuildConfig, address: str | None = None) -> None:
-    """Connect to a cluster (`--address` / `ray.address`) or start local Ray; reuse a running session."""
+    """Connect to Ray; reuse a session this process already holds.
+
+    - `--address` / `ray.address` given: join that cluster ("auto": the one running on this machine).
+    - `--address local`: start a private local instance with `ray.num_cpus`, even if another one runs here.
+    - neither: do what `ray.init()` does - join the instance `ray start` (or $RAY_ADDRESS) points at, so that two
+      Ray instances never both hand out this machine's GPUs; start a private one if there is none.
+
+    Joining, the instance's own resources apply: Ray refuses num_cpus/num_gpus then, so they are not passed.
+    """
     import ray
 
     if ray.is_initialized():
         return
     env = {**cfg.ray.env_vars, **{k: os.environ[k] for k in _WORKER_ENV if k in os.environ}}
-    ray.init(
-        address=address or cfg.ray.address,
-        num_cpus=None if (address or cfg.ray.address) else cfg.ray.num_cpus,
-        include_dashboard=False,
-        runtime_env={"env_vars": env} if env else None,
-        log_to_driver=True,
-    )
+    requested = address or cfg.ray.address
+    found = None if requested else running_ray_address()
+    kwargs: dict[str, Any] = {
+        "include_dashboard": False,
+        "runtime_env": {"env_vars": env} if env else None,
+        "log_to_driver": True,
+    }
+    if requested == "local" or (requested is None and found is None):
+        where = "a private local Ray instance"
+        kwargs.update(address="local", num_cpus=cfg.ray.num_cpus)
+    elif requested:
+        where = f"the Ray cluster at {requested}"
+        kwargs.update(address=requested)
+    else:
+        where = f"the Ray instance running on this machine at {found}"
+        # address=None, not `found`: Ray then also picks up that instance's auth token, as `ray.init()` would.
+        kwargs.update(address=None)
+    try:
+        ray.init(**kwargs)
+    except (ConnectionError, RuntimeError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        hint = "; `ray stop` it if it is stale" if found else ""
+        raise BuildError(
+            f"cannot connect to {where}: {first}{hint}; or pass --address local to start a private instance"
+        ) from exc
+    if found:
+        log.warning(
+            "joined %s (its resources apply; ray.num_cpus=%s is not used); --address local starts a private one",
+            where, cfg.ray.num_cpus,
+        )  # fmt: skip
+    else:
+        log.info("Ray: %s, %s", where, ray.cluster_resources())
 
 
 def run_ray(cfg: BuildConfig, specs: list[StageSpec], rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
@@ -413,8 +463,13 @@ def build(
     force: bool = False,
     progress: Any = None,
     stages: list[Stage] | None = None,
+    log_dir: Path | str | None = None,
 ) -> BuildResult:
     """Run the whole build. `executor` is "ray" (the product) or "local" (plain loop, same stage objects).
+
+    `progress(unit, marker)` is called as each unit lands; if it has a `start(units_to_run)` method, that is called
+    once before the stages start (pipeline.logs.UnitProgress prints k/N, elapsed and ETA). `log_dir`: the stage
+    actors write their stdout/stderr (engine logs) there instead of to Ray's console stream (pipeline/logs.py).
 
     `stages` (local executor only) passes set-up stage objects in graph order, e.g. to reuse loaded engines
     across builds in one process.
@@ -457,6 +512,8 @@ def build(
     )  # fmt: skip
 
     specs = stage_graph(cfg)
+    if log_dir is not None:
+        specs = [dataclasses.replace(spec, log_dir=str(log_dir)) for spec in specs]
     if stages is not None:
         if executor != "local" or [s.name for s in stages] != [s.name for s in specs]:
             raise BuildError("stages= needs executor='local' and one stage object per graph step, in order")
@@ -467,6 +524,8 @@ def build(
     finished_rows: list[dict[str, Any]] = []  # light copies (no images) for the summary
     for key, value in cfg.ray.env_vars.items():  # the local executor runs the stages in this process
         os.environ.setdefault(key, value)
+    if progress is not None and hasattr(progress, "start"):
+        progress.start(len(expected))
     if todo and executor == "ray":
         init_ray(cfg, address)
     if todo:

@@ -72,22 +72,25 @@ def build(
     out: Path = typer.Option(Path("out/build"), "--out", "-o", help="Output directory."),
     prompts: str | None = typer.Option(None, "--prompts", help="Prompt file (overrides prompts.path)."),
     limit: int | None = typer.Option(None, "--limit", min=1, help="Use at most this many prompts."),
-    address: str | None = typer.Option(None, "--address", help="Ray cluster address, e.g. 'auto'."),
+    address: str | None = typer.Option(
+        None,
+        "--address",
+        help="Ray cluster address, e.g. 'auto'; 'local' starts a private local Ray even if one runs here. Default: "
+        "join the Ray instance running on this machine (ray start, $RAY_ADDRESS), else start a local one.",
+    ),
     executor: str = typer.Option("ray", "--executor", help="'ray' (Ray Data) or 'local' (plain loop, debugging)."),
     force: bool = typer.Option(False, "--force", help="Rebuild an OUT that holds a build with another config."),
+    verbose: bool = typer.Option(
+        False, "--verbose", "-v", help="Engine, Ray and INFO logs on the console instead of OUT/state/logs/."
+    ),
 ) -> None:
     """Generate trajectories (think, draw, reflect, redraw, score) and write the six-mode dataset to OUT."""
-    import logging
-
-    from pipeline.build import BuildError
+    from pipeline.build import STATE_DIR, BuildError
     from pipeline.build import build as run_build
-    from pipeline.secrets import RedactingFilter
+    from pipeline.logs import LOG_DIR, UnitProgress, build_logging
     from schemas.config import ConfigError, load_build_config
     from stages.prompts import PromptSourceError
 
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for handler in logging.getLogger().handlers:
-        handler.addFilter(RedactingFilter())
     if executor not in ("ray", "local"):
         _fail(f"--executor must be 'ray' or 'local', got {executor!r}")
     try:
@@ -95,17 +98,21 @@ def build(
     except ConfigError as exc:
         _fail(str(exc))
 
-    def progress(unit: int, marker: dict) -> None:
-        counts = marker["counts"]
-        typer.echo(f"unit {unit:5d} done: " + ", ".join(f"{k}={v}" for k, v in sorted(counts.items())))
-
-    try:
-        result = run_build(
-            cfg, out, prompts_path=prompts, limit=limit, executor=executor, address=address, force=force,
-            progress=progress,
-        )  # fmt: skip
-    except (BuildError, PromptSourceError) as exc:
-        _fail(str(exc))
+    log_dir = None if verbose else out / STATE_DIR / LOG_DIR
+    with build_logging(log_dir, ray=executor == "ray"):
+        if log_dir is not None:
+            typer.echo(f"engine logs: {log_dir}/ (--verbose prints them here)")
+        try:
+            result = run_build(
+                cfg, out, prompts_path=prompts, limit=limit, executor=executor, address=address, force=force,
+                progress=UnitProgress(typer.echo), log_dir=log_dir,
+            )  # fmt: skip
+        except (BuildError, PromptSourceError) as exc:
+            _fail(str(exc))
+        except Exception:
+            if log_dir is not None:
+                typer.echo(f"build failed; engine logs: {log_dir}/", err=True)
+            raise
     _print_summary(result)
     typer.echo(f"dataset written to {out} (verify with: irgl verify {out}); report: {out / 'report.html'}")
 
