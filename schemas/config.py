@@ -77,6 +77,13 @@ class TextModelConfig(StrictModel):
     structured: bool = Field(True, description="Constrain T1/T2 with vLLM structured outputs (regex).")
     max_section_chars: int = Field(600, ge=16, description="Upper bound on each template section in the regex.")
     max_images: int = Field(2, ge=0, description="Images per prompt the VLM accepts (limit_mm_per_prompt).")
+    stall_seconds: float = Field(
+        600.0,
+        gt=0,
+        exclude=True,
+        description="The engine counts as dead when no engine step finishes for this long while requests wait "
+        "(a hung GPU or engine process); its actor is then replaced. Not part of the generation hash.",
+    )
 
 
 class ImageModelConfig(StrictModel):

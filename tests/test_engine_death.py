@@ -80,6 +80,41 @@ def test_dead_engine_raises_instead_of_failing_every_row() -> None:
     assert isinstance(StageError("x"), Exception)
 
 
+def test_killed_engine_core_fails_every_call_at_once(tiny_vlm_config, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The engine core in its own process, killed while requests are in flight: the waiting call and every later one
+    raise EngineDead within seconds (vLLM 0.32 alone would leave `step()` waiting forever), none returns text."""
+    from concurrent.futures import TimeoutError as FutureTimeout
+
+    from schemas.reflection import think_regex
+    from stages.engines.text import TextRequest, VLLMTextEngine
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    engine = VLLMTextEngine(tiny_vlm_config)
+    engine.setup()
+    try:
+        watched = engine._loop._watch
+        core = next(p for p in watched if "EngineCore" in " ".join(p.cmdline()))
+        long = [TextRequest(f"Plan {i}.", regex=r"<think>\n[a-z]{600}\n</think>", seed=i) for i in range(8)]
+        future = engine._submit(long)
+        deadline = time.monotonic() + 300
+        while engine._loop.peak_in_flight < 8 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert engine._loop.peak_in_flight == 8 and not future.done()  # the kill lands with 8 requests in flight
+        core.send_signal(signal.SIGKILL)
+        try:
+            future.result(timeout=60)
+        except FutureTimeout:
+            pytest.fail("the call still waits a minute after its engine core died")
+        except EngineDead as exc:
+            assert "is gone" in str(exc) or "EngineDeadError" in str(exc), exc
+        else:
+            pytest.fail("a call on a killed engine returned text")
+        with pytest.raises(EngineDead):
+            engine.generate([TextRequest("Plan again.", regex=think_regex(16), seed=1)])
+    finally:
+        engine._llm = None  # its processes are gone; close() would wait on them
+
+
 def _engine_cores(stage: str) -> list[psutil.Process]:
     """The EngineCore processes whose parent is the given stage's Ray actor, once that actor is past __init__."""
     found = []

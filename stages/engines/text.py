@@ -15,6 +15,7 @@ import io
 import logging
 import queue
 import threading
+import time
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -184,8 +185,11 @@ class VLLMTextEngine(TextEngine):
             kwargs["max_num_batched_tokens"] = max(self.cfg.max_model_len, 8192)
         # Ignored for text-only models. Video off: it would otherwise be budgeted (memory profiling) at its default.
         kwargs["limit_mm_per_prompt"] = {"image": self.cfg.max_images, "video": 0}
+        import psutil
+
+        before = {p.pid for p in psutil.Process().children(recursive=True)}
         self._llm = LLM(**kwargs)
-        self._loop = _EngineLoop(self._llm, self._add, self._text)
+        self._loop = _EngineLoop(self._llm, self._add, self._text, _engine_processes(before), self.cfg.stall_seconds)
         self._loop.start()
 
     def _sampling_params(self, request: TextRequest) -> Any:
@@ -268,30 +272,45 @@ class VLLMTextEngine(TextEngine):
 
 class _EngineLoop:
     """The thread that owns a vLLM `LLM`: adds submitted requests between steps, steps while any is in flight and
-    resolves each submission's future when its last request finishes. Only this thread touches the engine."""
+    resolves each submission's future when its last request finishes. Only this thread touches the engine.
 
-    def __init__(self, llm: Any, add: Any, text: Any) -> None:
+    A watchdog thread declares the engine dead when one of its processes (`VLLM::EngineCore`, tensor-parallel
+    workers) is gone, or when no step has finished for `stall_seconds` while requests are in flight. It must not
+    rely on the engine to notice: when vLLM 0.32's engine-core monitor sees the core die, it shuts the output thread
+    down without telling `step()`, which then waits forever on an empty queue.
+    """
+
+    def __init__(self, llm: Any, add: Any, text: Any, watch: list[Any], stall_seconds: float) -> None:
         self._llm = llm
         self._add = add  # (TextRequest) -> request id
         self._text = text  # (TextRequest, RequestOutput) -> str
+        self._watch = watch  # psutil.Process of each engine process (empty: the engine runs in this process)
+        self._stall_seconds = stall_seconds
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiting: dict[str, tuple[_Submission, int]] = {}  # request id -> (submission, position)
+        self._lock = threading.Lock()  # guards _waiting, _dead and the inbox against the watchdog's _die
         self._dead: BaseException | None = None
+        self._progress = time.monotonic()  # when the last step returned (or the loop went idle)
+        self._stopped = threading.Event()
         self.peak_in_flight = 0  # most requests in the engine at once (shows that callers share its batches)
         self._thread = threading.Thread(target=self._run, name="vllm-engine-loop", daemon=True)
+        self._watchdog = threading.Thread(target=self._watch_engine, name="vllm-engine-watchdog", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
+        self._watchdog.start()
 
     def submit(self, requests: list[TextRequest]) -> Future:
         future: Future = Future()
-        if self._dead is not None:
-            future.set_exception(EngineDead(f"the vLLM engine is dead: {self._dead}"))
-            return future
-        self._inbox.put(_Submission(requests, future))
+        with self._lock:
+            if self._dead is not None:
+                future.set_exception(EngineDead(f"the vLLM engine is dead: {self._dead}"))
+            else:
+                self._inbox.put(_Submission(requests, future))
         return future
 
     def stop(self) -> None:
+        self._stopped.set()
         self._inbox.put(None)
         self._thread.join(timeout=60)
 
@@ -307,14 +326,34 @@ class _EngineLoop:
                         break
                     if item is None:
                         return
-                    self._admit(item)
+                    with self._lock:
+                        if self._dead is not None:
+                            return
+                        self._admit(item)
                     block = False
                 if self._waiting:
-                    for output in self._llm.llm_engine.step():
-                        if output.finished:
-                            self._finish(output)
+                    self._progress = time.monotonic()
+                    outputs = self._llm.llm_engine.step()
+                    self._progress = time.monotonic()
+                    with self._lock:
+                        if self._dead is not None:
+                            return
+                        for output in outputs:
+                            if output.finished:
+                                self._finish(output)
         except BaseException as exc:  # noqa: BLE001 - any failure while stepping leaves the engine unusable
             self._die(exc)
+
+    def _watch_engine(self) -> None:
+        while not self._stopped.wait(1.0) and self._dead is None:
+            gone = [p for p in self._watch if not _process_alive(p)]
+            if gone:
+                self._die(EngineDead(f"engine process {gone[0].pid} ({_process_title(gone[0])}) is gone"))
+                return
+            stalled = time.monotonic() - self._progress
+            if self._waiting and stalled > self._stall_seconds:
+                self._die(EngineDead(f"no engine step finished in {stalled:.0f} s with requests in flight"))
+                return
 
     def _admit(self, sub: _Submission) -> None:
         for position, request in enumerate(sub.requests):
@@ -336,21 +375,56 @@ class _EngineLoop:
             sub.set(position, exc)
 
     def _die(self, exc: BaseException) -> None:
-        self._dead = exc
+        """Mark the engine dead and fail every waiting and queued submission at once (from either thread)."""
+        with self._lock:
+            if self._dead is not None:
+                return
+            self._dead = exc
+            subs = {id(sub): sub for sub, _ in self._waiting.values()}
+            self._waiting.clear()
+            while True:  # also fail what was submitted but not yet admitted
+                try:
+                    item = self._inbox.get_nowait()
+                except queue.Empty:
+                    break
+                if item is not None:
+                    subs[id(item)] = item
         logger.error("vLLM engine loop stopped: %s: %s", type(exc).__name__, exc)
         dead = EngineDead(f"the vLLM engine is dead: {type(exc).__name__}: {exc}")
-        subs = {id(sub): sub for sub, _ in self._waiting.values()}
-        self._waiting.clear()
-        while True:  # also fail what was submitted but not yet admitted
-            try:
-                item = self._inbox.get_nowait()
-            except queue.Empty:
-                break
-            if item is not None:
-                subs[id(item)] = item
         for sub in subs.values():
             if not sub.future.done():
                 sub.future.set_exception(dead)
+
+
+def _engine_processes(before: set[int]) -> list[Any]:
+    """The processes vLLM started for an engine (titles `VLLM::...`: engine core, tensor-parallel workers) among the
+    children of this process that were not there before it started."""
+    import psutil
+
+    found = []
+    for child in psutil.Process().children(recursive=True):
+        try:
+            if child.pid not in before and _process_title(child).startswith("VLLM::"):
+                found.append(child)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _process_title(proc: Any) -> str:
+    try:
+        return " ".join(proc.cmdline()).strip()
+    except Exception:  # noqa: BLE001 - gone or not ours to read
+        return "?"
+
+
+def _process_alive(proc: Any) -> bool:
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 class _Submission:
