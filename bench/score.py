@@ -220,7 +220,8 @@ def bench_model(label: str, cfg: ScoreConfig, batches: list[Batch], repeats: int
     print(f"  {'path':34s} {'rows/s':>9s}  {'ratio':>6s}  {'CPU ms/row':>10s}")
     for name in names:
         rate = rows / best[name]
-        print(f"  {name:34s} {rate:9.1f}  {rate / base:5.2f}x  {1000 * cpu[name] / rows:10.1f}")
+        shown = f"{rate:9.3f}" if rate < 10 else f"{rate:9.1f}"
+        print(f"  {name:34s} {shown}  {rate / base:5.2f}x  {1000 * cpu[name] / rows:10.1f}")
     print(f"  max |score old - score new| = {diff:.2e}")
     if new.dtype == "float32":
         assert diff <= 1e-5, f"new path's scores differ from the old path's by {diff}"
