@@ -89,6 +89,7 @@ def build(
     from pipeline.build import build as run_build
     from pipeline.logs import LOG_DIR, UnitProgress, build_logging
     from schemas.config import ConfigError, load_build_config
+    from stages.engines.errors import EngineDead
     from stages.prompts import PromptSourceError
 
     if executor not in ("ray", "local"):
@@ -109,6 +110,8 @@ def build(
             )  # fmt: skip
         except (BuildError, PromptSourceError) as exc:
             _fail(str(exc))
+        except EngineDead as exc:  # the local executor: the engine runs in this process, nothing restarts it
+            _fail(f"{exc}; finished units are kept: rerun the same command to resume")
         except Exception:
             if log_dir is not None:
                 typer.echo(f"build failed; engine logs: {log_dir}/", err=True)
