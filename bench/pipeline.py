@@ -111,7 +111,7 @@ def bench_vllm_stage(n: int) -> None:
     from schemas.work import stage_seed
 
     regex = think_regex(cfg.max_section_chars)
-    messages = [[{"role": "user", "content": think_instruction(p)}] for p in prompts]
+    messages = [[{"role": "user", "content": think_instruction(p, cfg.max_section_chars)}] for p in prompts]
     structured = StructuredOutputsParams(regex=regex)
     params = [
         SamplingParams(temperature=cfg.temperature, top_p=cfg.top_p, max_tokens=cfg.max_tokens,

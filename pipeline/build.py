@@ -353,6 +353,8 @@ def write_unit(
     lines = [json.dumps(rejects[i], ensure_ascii=False, sort_keys=True) for i in ids if i in rejects]
     write_atomic(reject_path, ("\n".join(lines) + "\n" if lines else "").encode("utf-8"))
     statuses = [OK if i in kept else rejects[i]["status"] for i in ids]
+    from schemas.reflection import is_cap_reason
+
     marker = {
         "unit": unit,
         "generation_hash": gen_hash,
@@ -360,6 +362,10 @@ def write_unit(
         "counts": dict(Counter(statuses)),
         "failed_ids": [i for i in ids if i in rejects and rejects[i]["status"] == FAILED],
         "rejected_at": dict(Counter(f"{r['stage']}:{r['status']}" for r in rejects.values())),
+        # Failed rows whose text reached a section's cap (a subset of rejected_at's failures), per stage.
+        "capped_at": dict(
+            Counter(r["stage"] for r in rejects.values() if r["status"] == FAILED and is_cap_reason(r["reason"]))
+        ),
         "files": {
             p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
             for p in (traj_path, reject_path)
@@ -437,17 +443,23 @@ def check_out_dir(out: Path, cfg: BuildConfig, force: bool) -> None:
 
 
 def stage_counts(markers: Iterable[dict[str, Any]], order: list[str]) -> dict[str, dict[str, int]]:
-    """Per stage, over the given unit markers: rows in, ok, filtered, failed (in = ok + filtered + failed)."""
+    """Per stage, over the given unit markers: rows in, ok, filtered, failed (in = ok + filtered + failed), and
+    capped: the failed rows whose text reached a section's cap (`schemas.reflection.cap_reason`)."""
     total = 0
     rejected: Counter = Counter()  # "stage:status" -> rows
+    capped: Counter = Counter()  # stage -> failed rows with a section at its cap
     for marker in markers:
         total += len(marker["ids"])
         rejected.update(marker["rejected_at"])
+        capped.update(marker.get("capped_at", {}))  # absent in markers written before the count existed
     counts = {}
     entering = total
     for name in order:
         filtered, failed = rejected[f"{name}:{FILTERED}"], rejected[f"{name}:{FAILED}"]
-        counts[name] = {"in": entering, "ok": entering - filtered - failed, "filtered": filtered, "failed": failed}
+        counts[name] = {
+            "in": entering, "ok": entering - filtered - failed, "filtered": filtered, "failed": failed,
+            "capped": capped[name],
+        }  # fmt: skip
         entering -= filtered + failed
     return counts
 

@@ -142,8 +142,10 @@ def render(data: dict[str, Any]) -> str:
         f'style="width:{300 * n / top:.0f}px"></span></td></tr>'
         for label, n in funnel
     )
+    # `capped` (failed rows whose text reached a section's cap) is absent from manifests built before it was counted.
     stage_rows = "".join(
-        f"<tr><td>{_e(name)}</td><td>{c['in']}</td><td>{c['ok']}</td><td>{c['filtered']}</td><td>{c['failed']}</td></tr>"
+        f"<tr><td>{_e(name)}</td><td>{c['in']}</td><td>{c['ok']}</td><td>{c['filtered']}</td><td>{c['failed']}</td>"
+        f"<td>{c.get('capped', 0)}</td></tr>"
         for name, c in stages.items()
     )
     dropped = ", ".join(f"{_e(k)}={v}" for k, v in sorted((p.get("dropped") or {}).items())) or "none"
@@ -186,7 +188,8 @@ def render(data: dict[str, Any]) -> str:
 <div class="muted">strategy: {_e(data["strategy"])} &middot; kept trajectories: <b id="kept">{kept}</b></div>
 <h2>Funnel</h2><table id="funnel">{funnel_rows}</table>
 <p class="muted">prompts dropped: {dropped}</p>
-<table id="stages"><tr><th>stage</th><th>in</th><th>ok</th><th>filtered</th><th>failed</th></tr>{stage_rows}</table>
+<table id="stages"><tr><th>stage</th><th>in</th><th>ok</th><th>filtered</th><th>failed</th>
+<th title="failed rows whose text reached a section's character cap">of which capped</th></tr>{stage_rows}</table>
 <h2>Records per mode</h2><table id="modes"><tr><th>mode</th><th>records</th></tr>{mode_rows}</table>
 <h2>CLIP scores</h2>{hist}
 <h2>Time</h2>

@@ -7,6 +7,7 @@ a bad model output becomes a reject with a reason instead of a silently broken r
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 THINK_OPEN = "<think>"
@@ -118,9 +119,19 @@ def _literal(text: str) -> str:
     return "".join("\\" + c if c in _REGEX_SYNTAX else c for c in text)
 
 
+def section_cap(max_section_chars: int) -> int:
+    """The most characters the regexes allow in one section body for a given `max_section_chars`.
+
+    A body is one non-space character then up to `max_section_chars` more, so the cap is `max_section_chars + 1`.
+    A body of exactly this length was stopped by the grammar, not by the model (see `capped_section`).
+    """
+    return max_section_chars + 1
+
+
 def _body(max_chars: int, excluded: str) -> str:
-    """A body of 1 to `max_chars + 1` characters outside `excluded` whose first character is not whitespace."""
-    return rf"[^{_WHITESPACE}{excluded}][^{excluded}]{{0,{max_chars}}}"
+    """A body of 1 to `section_cap(max_chars)` characters outside `excluded` whose first character is not
+    whitespace."""
+    return rf"[^{_WHITESPACE}{excluded}][^{excluded}]{{0,{section_cap(max_chars) - 1}}}"
 
 
 def reflection_regex(max_section_chars: int = 600) -> str:
@@ -158,9 +169,76 @@ def reflection_regex_max_chars(max_section_chars: int = 600) -> int:
     """
     fixed = len(THINK_OPEN) + len(THINK_CLOSE) + sum(len(h) for h in HEADINGS)
     newlines = 2 + 2 * len(HEADINGS)
-    return fixed + newlines + (1 + len(HEADINGS)) * (max_section_chars + 1)
+    return fixed + newlines + (1 + len(HEADINGS)) * section_cap(max_section_chars)
 
 
 def think_regex_max_chars(max_chars: int = 1200) -> int:
     """The longest text `think_regex(max_chars)` matches, in characters (see `reflection_regex_max_chars`)."""
-    return len(THINK_OPEN) + len(THINK_CLOSE) + 2 + max_chars + 1
+    return len(THINK_OPEN) + len(THINK_CLOSE) + 2 + section_cap(max_chars)
+
+
+#: The name of T1's single body in `capped_section` and in rejects' reasons.
+THINK_SECTION = "think"
+#: T2's four bodies in template order, as `capped_section` and the rejects name them.
+REFLECTION_SECTIONS: tuple[str, str, str, str] = ("opening", "improvements", "guidance", "final_prompt")
+
+
+def _raw_bodies(text: str, delimiters: tuple[str, ...]) -> list[str]:
+    """The bodies between consecutive `delimiters`, exactly as the regex lays them out (delimiter, newline, body,
+    newline, delimiter).
+
+    Only the single newline the regex puts after and before each delimiter is removed, so a body keeps any
+    whitespace the model wrote inside it (that counts against the cap too). Stops at the first delimiter that is
+    missing: a text that breaks the template is `parse_reflection`'s business, not this function's.
+    """
+    bodies: list[str] = []
+    start = text.find(delimiters[0])
+    if start < 0:
+        return bodies
+    start += len(delimiters[0])
+    for delimiter in delimiters[1:]:
+        end = text.find(delimiter, start)
+        if end < 0:
+            break
+        body = text[start:end]
+        body = body[1:] if body.startswith("\n") else body
+        body = body[:-1] if body.endswith("\n") else body
+        bodies.append(body)
+        start = end + len(delimiter)
+    return bodies
+
+
+def capped_section(text: str, max_section_chars: int, template: str = "reflection") -> str | None:
+    """The name of the first section of `text` whose body reached its cap, or None when every body ended early.
+
+    A body as long as the regex allows (`section_cap(max_section_chars)` characters, or longer when the text was
+    generated without the regex) was stopped by the grammar, not by the model: it most likely ends mid-sentence,
+    so the generation stages fail such a row instead of keeping a cut-off thought as training data.
+    `template` is `"think"` (T1: one body, named `think`) or `"reflection"` (T2: `opening`, `improvements`,
+    `guidance`, `final_prompt`).
+    """
+    if template == "think":
+        names: tuple[str, ...] = (THINK_SECTION,)
+        delimiters: tuple[str, ...] = (THINK_OPEN, THINK_CLOSE)
+    elif template == "reflection":
+        names, delimiters = REFLECTION_SECTIONS, (THINK_OPEN, *HEADINGS, THINK_CLOSE)
+    else:
+        raise ValueError(f"unknown template {template!r}; expected 'think' or 'reflection'")
+    cap = section_cap(max_section_chars)
+    for name, body in zip(names, _raw_bodies(text, delimiters), strict=False):
+        if len(body) >= cap:
+            return name
+    return None
+
+
+def cap_reason(section: str, max_section_chars: int) -> str:
+    """The reject reason of a row whose `section` reached its cap (the exact wording tests and reports rely on)."""
+    return f"section '{section}' reached its {section_cap(max_section_chars)}-character cap"
+
+
+_CAP_REASON = re.compile(r"section '[a-z_]+' reached its [0-9]+-character cap")
+
+
+def is_cap_reason(reason: str | None) -> bool:
+    """Whether a reject's reason is `cap_reason`'s: the build counts these rows per stage (`capped`)."""
+    return bool(reason) and _CAP_REASON.fullmatch(reason) is not None

@@ -15,11 +15,13 @@ import pytest
 from schemas.config import TextModelConfig
 from schemas.reflection import reflection_regex_max_chars
 from stages.engines.text import VLLMTextEngine
+from stages.tiny import tiny_root
 from stages.tiny_text import build_tiny_llm, build_tiny_vlm
 
 __all__ = [
     "TEST_MAX_TOKENS",
     "TEST_SECTION_CHARS",
+    "TEST_SMALL_SECTION_CHARS",
     "tiny_llm_path",
     "tiny_text_root",
     "tiny_vlm_path",
@@ -27,18 +29,23 @@ __all__ = [
     "vlm_engine",
 ]
 
-#: Section bound of the regexes in tests: the random-weight model almost never closes a section by itself, so every
-#: section runs to this bound and a reflection is ~`reflection_regex_max_chars(32)` = 298 characters.
-TEST_SECTION_CHARS = 32
+#: Section bound of the regexes in tests. The tiny models are trained to write one short sentence (about 20 to 50
+#: characters) per section and then close it (stages/tiny_text.py), so with this bound practically every section
+#: ends by itself, well before its cap, and rows are kept (a section at its cap fails the row).
+TEST_SECTION_CHARS = 96
+#: A bound that the tiny models' sentences practically always reach: rows fail with `section ... reached its cap`.
+TEST_SMALL_SECTION_CHARS = 16
 #: A token is at least one byte and a character at most four, so this many tokens always complete the longest
 #: reflection the regex allows: structured outputs never get cut off by max_tokens in tests.
 TEST_MAX_TOKENS = 4 * reflection_regex_max_chars(TEST_SECTION_CHARS)
 
 
 @pytest.fixture(scope="session")
-def tiny_text_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Where the tiny text models of this session live."""
-    return tmp_path_factory.mktemp("tiny_text")
+def tiny_text_root() -> Path:
+    """Where the tiny text models of this session live: `$IRGL_TINY_DIR` (conftest.py points it at a per-machine
+    folder), shared with the builds' `tiny:` names. Builds are idempotent and a cached model is reused only if it
+    was made by the same recipe (stages/tiny_text.py `_recipe_id`), so the brief training runs once per machine."""
+    return tiny_root()
 
 
 @pytest.fixture(scope="session")
@@ -55,14 +62,14 @@ def tiny_llm_path(tiny_text_root: Path) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_vlm_config(tiny_vlm_path: Path) -> TextModelConfig:
-    """The config of the session's VLM engine: sampling on (seeds matter), eager mode, small context."""
+    """The config of the session's VLM engine: sampling on (seeds matter), eager mode, a context for TEST_MAX_TOKENS."""
     return TextModelConfig(
         engine="vllm",
         model=str(tiny_vlm_path),
         max_tokens=TEST_MAX_TOKENS,
-        temperature=1.0,
+        temperature=0.8,  # as the tiny preset: the trained tiny models keep to their template at this temperature
         top_p=0.95,
-        max_model_len=2048,
+        max_model_len=4096,  # the prompt plus TEST_MAX_TOKENS
         enforce_eager=True,
         dtype="float32",
         max_section_chars=TEST_SECTION_CHARS,

@@ -178,7 +178,7 @@ def test_verifier_filters_and_rejects_are_written(
     stages = session_stages(strict, tiny_vlm_config, vlm_engine, image_engine, clip_scorer)
     out = tmp_path / "out"
     result = build(strict, out, executor="local", stages=stages)
-    assert result.stage_counts["score"] == {"in": 2, "ok": 0, "filtered": 2, "failed": 0}
+    assert result.stage_counts["score"] == {"in": 2, "ok": 0, "filtered": 2, "failed": 0, "capped": 0}
     rejects = [json.loads(line) for line in (out / "rejects" / "unit-00000.jsonl").read_text().splitlines()]
     assert [(r["status"], r["stage"]) for r in rejects] == [("filtered", "score")] * 2
     assert all("min_clip_i2=2.0" in r["reason"] for r in rejects)

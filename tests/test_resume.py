@@ -119,7 +119,7 @@ def test_injected_faults_are_isolated_counted_and_retried(
     failed = _expected_faults(all_ids, "reflect", 0.5)
     assert 0 < len(failed) < 6, "seed the prompts so that some, not all, rows fail"
     c = result.stage_counts
-    assert c["reflect"] == {"in": 6, "ok": 6 - len(failed), "filtered": 0, "failed": len(failed)}
+    assert c["reflect"] == {"in": 6, "ok": 6 - len(failed), "filtered": 0, "failed": len(failed), "capped": 0}
     assert all(v["in"] == v["ok"] + v["filtered"] + v["failed"] for v in c.values())
     rejects = [json.loads(x) for p in sorted((out / "rejects").glob("*.jsonl")) for x in p.read_text().splitlines()]
     assert {r["id"] for r in rejects} == failed
