@@ -2,7 +2,8 @@
 
 They are built from configs with fixed seeds and saved with `save_pretrained`, so they go through exactly the same
 loading paths as production checkpoints (`from_pretrained`, `vllm.LLM(model=path)`): tests exercise the real
-engines, chat templates, image processors and structured outputs, only with random weights. No download happens.
+engines, chat templates, image processors and structured outputs, only with tiny weights (random, then briefly
+trained on template-shaped text, see below). No download happens.
 
 - `build_tiny_vlm`: a Qwen2-VL (`Qwen2VLForConditionalGeneration`), usable for T1 (text only) and T2 (with
   images), so the tiny preset needs a single vLLM engine.

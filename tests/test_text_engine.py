@@ -1,7 +1,9 @@
-"""Text engines on real (tiny, random-weight) models: vLLM on the tiny Qwen2-VL, transformers on the tiny Qwen2.
+"""Text engines on real tiny models: vLLM on the tiny Qwen2-VL, transformers on the tiny Qwen2.
 
-No mocks: the outputs are gibberish, but batching, ordering, images, seeds and the regex constraints are the real
-code paths. Structured outputs must give template-valid text from ANY model, a random one included.
+No mocks: the outputs are meaningless (the tiny models are only trained to write one short sentence per template
+section), but batching, ordering, images, seeds and the regex constraints are the real code paths. Structured
+outputs must give template-valid text from ANY model, including one that never closes a section by itself
+(`think_regex(8)` below: every plan runs into the cap).
 """
 
 from __future__ import annotations
