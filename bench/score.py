@@ -2,7 +2,7 @@
 single-thread path, side by side on the same rows.
 
     python bench/score.py [--rows 256] [--size 1024] [--batch-rows 64] [--threads N] [--device auto]
-                          [--large-rows N] [--skip-large] [--repeats 2]
+                          [--large-rows N] [--skip-large | --skip-tiny] [--repeats 2]
 
 Rows: a prompt and two PIL-drawn JPEG images (quality 95, size x size, as the production preset writes I1/I2).
 Models: `tiny:clip` (built offline), then a real-size ViT-L-14 with random weights
@@ -251,6 +251,7 @@ def main() -> None:
         "--large-rows", type=int, default=None, help="rows for ViT-L-14 (default: --rows on CUDA, 8 on CPU)"
     )
     parser.add_argument("--skip-large", action="store_true", help="tiny CLIP only")
+    parser.add_argument("--skip-tiny", action="store_true", help="ViT-L-14 only")
     args = parser.parse_args()
 
     import torch
@@ -260,19 +261,22 @@ def main() -> None:
     print(
         f"torch {torch.__version__}, {os.cpu_count()} CPUs, preprocessing threads {args.threads or default_threads()}"
     )
+    device = resolve_device(args.device)
+    cuda = device.startswith("cuda")
+    large_rows = args.large_rows or (args.rows if cuda else 8)
     start = time.perf_counter()
-    batches = make_batches(args.rows, args.size, args.batch_rows)
-    mb = sum(len(x) for b in batches for x in b["i1"] + b["i2"]) / 2 / args.rows / 1e6
-    print(f"drew {2 * args.rows} images in {time.perf_counter() - start:.1f} s ({mb:.2f} MB per image)")
+    batches = make_batches(args.rows if not args.skip_tiny else large_rows, args.size, args.batch_rows)
+    mb = sum(len(x) for b in batches for x in b["i1"] + b["i2"]) / 2 / sum(len(b["id"]) for b in batches) / 1e6
+    print(f"drew {2 * sum(len(b['id']) for b in batches)} images in {time.perf_counter() - start:.1f} s "
+          f"({mb:.2f} MB per image)")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="irgl-bench-score-") as tmp:
-        tiny = ScoreConfig(**tiny_clip_score_fields(build_tiny_clip(Path(tmp))))
-        bench_model("tiny:clip", tiny, batches, args.repeats, args)
+        if not args.skip_tiny:
+            tiny = ScoreConfig(**tiny_clip_score_fields(build_tiny_clip(Path(tmp))))
+            bench_model("tiny:clip", tiny, batches, args.repeats, args)
         if args.skip_large:
             return
-        device = resolve_device(args.device)
-        cuda = device.startswith("cuda")
-        large_rows = args.large_rows or (args.rows if cuda else 8)
-        large_batches = make_batches(large_rows, args.size, args.batch_rows) if large_rows != args.rows else batches
+        same = args.skip_tiny or large_rows == args.rows
+        large_batches = batches if same else make_batches(large_rows, args.size, args.batch_rows)
         large = ScoreConfig(model="ViT-L-14", pretrained=str(random_vit_l14(Path(tmp))))
         bench_model("ViT-L-14 (random weights)", large, large_batches, args.repeats if cuda else 1, args)
 
