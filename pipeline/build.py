@@ -19,11 +19,12 @@ import json
 import logging
 import os
 import time
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -40,6 +41,7 @@ from schemas.work import FAILED, FILTERED, OK, WORK_COLUMNS, WORK_SCHEMA, Batch,
 from stages.assemble import AssembleStage, row_to_trajectory
 from stages.base import Stage
 from stages.draw import DrawStage
+from stages.engines.errors import EngineDead
 from stages.prompts import Prompt, PromptReport, load_sources
 from stages.reflect import ReflectStage
 from stages.score import ScoreStage
@@ -174,7 +176,13 @@ def run_sequential(
 
 
 class _StageActor:
-    """Ray Data adapter: builds the stage once per actor and maps Arrow batches through it (1:1 checked)."""
+    """Ray Data adapter: builds the stage once per actor and maps Arrow batches through it (1:1 checked).
+
+    A fatal engine error (`EngineDead`: vLLM's engine core died, a CUDA error) ends the actor's process: Ray
+    restarts the actor (`ray.max_actor_restarts`) and retries its in-flight batches (`ray.max_task_retries`) on
+    the new one. Raising instead would hand Ray Data an ordinary task error; marking the rows failed would leave a
+    dead actor that answers every later batch with failures in no time, and so gets sent ever more of them.
+    """
 
     def __init__(self, spec: StageSpec) -> None:
         redirect_worker_output(spec.log_dir, spec.name)  # before the engine loads: its logs go to the file
@@ -182,11 +190,79 @@ class _StageActor:
         self.stage.setup()
 
     def __call__(self, table: pa.Table) -> pa.Table:
-        n = table.num_rows
-        batch = self.stage(table.to_pydict())
-        if len(batch["id"]) != n:
-            raise RuntimeError(f"stage {self.stage.name} returned {len(batch['id'])} rows for {n}")
-        return pa.Table.from_pydict(batch, schema=WORK_SCHEMA)
+        try:
+            batch = self.stage(table.to_pydict())
+        except EngineDead as exc:
+            _end_process(self.stage.name, exc)
+        return _checked(self.stage.name, batch, table.num_rows)
+
+
+class _ConcurrentStageActor(_StageActor):
+    """For stages that keep several batches in flight on one engine (`Stage.concurrent`: text stages on vLLM).
+
+    Ray Data runs an async `__call__` on one event loop per actor and, with `max_concurrent_calls_per_actor`, hands
+    the actor several batches at once; the semaphore holds the number in flight to `resources.concurrent_batches`,
+    so at most `concurrent_batches x batch_size` requests wait in the engine.
+    """
+
+    def __init__(self, spec: StageSpec) -> None:
+        super().__init__(spec)
+        self.limit = spec.resources.concurrent_batches
+        self.slots: Any = None  # an asyncio.Semaphore, made on the event loop that will use it
+
+    async def __call__(self, table: pa.Table) -> pa.Table:  # type: ignore[override]
+        import asyncio
+
+        if self.slots is None:
+            self.slots = asyncio.Semaphore(self.limit)
+        async with self.slots:
+            try:
+                batch = await self.stage.acall(table.to_pydict())
+            except EngineDead as exc:
+                _end_process(self.stage.name, exc)
+        return _checked(self.stage.name, batch, table.num_rows)
+
+
+def _open_tasks(cfg: BuildConfig, res: Any) -> int:
+    """Ray Data tasks a text actor runs at once so that `concurrent_batches` batches can be open.
+
+    A task is one unit (one block); Ray Data runs up to a fixed number of an async UDF's batches of one task at a
+    time (4 in Ray 2.60), so a unit of many batches fills several slots by itself. Fewer tasks means fewer units'
+    rows (and images) held by the actor at once.
+    """
+    try:
+        from ray.data._internal.planner.plan_udf_map_op import DEFAULT_ASYNC_BATCH_UDF_MAX_CONCURRENCY as per_task
+    except ImportError:  # a Ray version that moved it: the value 2.60 uses
+        per_task = 4
+    batches_per_unit = -(-cfg.unit_size // res.batch_size)
+    return -(-res.concurrent_batches // min(per_task, batches_per_unit))
+
+
+def _checked(stage: str, batch: Batch, n: int) -> pa.Table:
+    if len(batch["id"]) != n:
+        raise RuntimeError(f"stage {stage} returned {len(batch['id'])} rows for {n}")
+    return pa.Table.from_pydict(batch, schema=WORK_SCHEMA)
+
+
+def _end_process(stage: str, exc: BaseException) -> NoReturn:
+    """End this actor's process after a fatal engine error, taking the engine's child processes with it (a vLLM
+    engine core or its tensor-parallel workers must not outlive the actor and hold its GPUs)."""
+    import sys
+
+    import psutil
+
+    print(f"irgl: stage {stage}: fatal engine error, ending this actor so that Ray restarts it: {exc}",
+          file=sys.stderr, flush=True)  # fmt: skip
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os._exit(EXIT_ENGINE_DEAD)
+
+
+#: Exit status of an actor process that ended itself because its engine died.
+EXIT_ENGINE_DEAD = 75
 
 
 #: Environment variables handed to Ray workers when set on the driver (offline mode, vLLM CPU settings).
@@ -210,6 +286,11 @@ def running_ray_address() -> str | None:
         return os.environ.get("RAY_ADDRESS") or None
 
 
+def worker_env(cfg: BuildConfig) -> dict[str, str]:
+    """The environment of the stage workers: `ray.env_vars`, overridden by the driver's own values of `_WORKER_ENV`."""
+    return {**cfg.ray.env_vars, **{k: os.environ[k] for k in _WORKER_ENV if k in os.environ}}
+
+
 def init_ray(cfg: BuildConfig, address: str | None = None) -> None:
     """Connect to Ray; reuse a session this process already holds.
 
@@ -224,7 +305,7 @@ def init_ray(cfg: BuildConfig, address: str | None = None) -> None:
 
     if ray.is_initialized():
         return
-    env = {**cfg.ray.env_vars, **{k: os.environ[k] for k in _WORKER_ENV if k in os.environ}}
+    env = worker_env(cfg)
     requested = address or cfg.ray.address
     found = None if requested else running_ray_address()
     kwargs: dict[str, Any] = {
@@ -267,14 +348,29 @@ def run_ray(cfg: BuildConfig, specs: list[StageSpec], rows: list[dict[str, Any]]
     ctx = ray.data.DataContext.get_current()
     ctx.execution_options.preserve_order = cfg.ray.preserve_order
     ctx.enable_progress_bars = True
+    env = worker_env(cfg)
     tables = [
         pa.Table.from_pylist(rows[i : i + cfg.unit_size], schema=WORK_SCHEMA)
         for i in range(0, len(rows), cfg.unit_size)
     ]
     ds = ray.data.from_arrow(tables)
+    with warnings.catch_warnings():
+        # Ray 2.60 has no named parameter for max_restarts / max_task_retries yet (its default is to retry forever),
+        # so they go through **ray_remote_args, which it flags as deprecated on every call.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
+        ds = _stage_pipeline(cfg, specs, ds, env)
+    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
+        yield from batch.to_pylist()
+
+
+def _stage_pipeline(cfg: BuildConfig, specs: list[StageSpec], ds: Any, env: dict[str, str]) -> Any:
+    """The stages as a chain of Ray Data `map_batches` (lazy: nothing runs until the dataset is iterated)."""
+    import ray.data
+
     for spec in specs:
         # One subclass per stage so that Ray's process titles and dashboard name the stage (ray::..StageActor_think).
-        actor = type(f"StageActor_{spec.name}", (_StageActor,), {})
+        concurrent = spec.cls.concurrent and spec.resources is not None
+        actor = type(f"StageActor_{spec.name}", (_ConcurrentStageActor if concurrent else _StageActor,), {})
         res = spec.resources
         if res is None:
             ds = ds.map_batches(
@@ -288,15 +384,22 @@ def run_ray(cfg: BuildConfig, specs: list[StageSpec], rows: list[dict[str, Any]]
             batch_format="pyarrow",
             zero_copy_batch=False,
             batch_size=res.batch_size,
-            compute=ray.data.ActorPoolStrategy(size=res.replicas),
+            compute=ray.data.ActorPoolStrategy(
+                size=res.replicas,
+                # Text stages: several batches per actor at once (continuous batching); others one at a time.
+                max_tasks_in_flight_per_actor=_open_tasks(cfg, res) if concurrent else None,
+                max_concurrent_calls_per_actor=_open_tasks(cfg, res) if concurrent else None,
+            ),
             num_cpus=res.num_cpus,
             num_gpus=res.num_gpus,
-            # A killed actor is restarted and its in-flight batches are retried on it.
-            max_restarts=3,
-            max_task_retries=3,
+            # A killed actor (or one that ended itself on a dead engine) is restarted and its in-flight batches
+            # are retried on it; bounded, so that a row that kills the engine every time stops the build.
+            max_restarts=cfg.ray.max_actor_restarts,
+            max_task_retries=cfg.ray.max_task_retries,
+            # Also when this process joined a Ray that was started without them (another job, a test session).
+            runtime_env={"env_vars": env} if env else None,
         )
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield from batch.to_pylist()
+    return ds
 
 
 # ---------------------------------------------------------------------------------------------------------------
