@@ -1,5 +1,6 @@
 """CUDA checks of the image and scoring engines (bf16 diffusion; scoring in the scorer's default half
-precision). Skipped without a GPU; on a GPU node they run with the rest of the suite. `bench/gpu_check.py` is the standalone version with timings."""
+precision). Skipped without a GPU; on a GPU node they run with the rest of the suite. `bench/gpu_check.py` is the
+standalone version with timings."""
 
 from __future__ import annotations
 
