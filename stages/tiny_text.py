@@ -276,8 +276,8 @@ def _training_examples(with_images: bool) -> list[dict[str, Any]]:
         elif kind == "t1_hindsight":
             text, images, answer = think_instruction_hindsight(prompt, budget), 1, plan
         elif kind == "t2":
-            text, answer = reflect_instruction(prompt, f"{THINK_OPEN}\n{_plan(rng)}\n{THINK_CLOSE}", budget), reflection
-            images = 1 if with_images else 0
+            plan_used = f"{THINK_OPEN}\n{_plan(rng)}\n{THINK_CLOSE}"
+            text, images, answer = reflect_instruction(prompt, plan_used, budget), 1, reflection
         else:
             text, images, answer = reflect_instruction_hindsight(prompt, budget), 2, reflection
         colours = [[rng.randrange(256) for _ in range(3)] for _ in range(images)]
