@@ -250,6 +250,26 @@ def _reflection_parts(rng: random.Random) -> tuple[str, str, str, str]:
     return opening, improvements, guidance, final
 
 
+#: Code point ranges of the foreign words mixed into some training prompts: accented Latin, Greek, Cyrillic, Hebrew,
+#: Arabic, CJK, emoji, symbols.
+_FOREIGN = ((0xC0, 0xFF), (0x391, 0x3C9), (0x410, 0x44F), (0x5D0, 0x5EA), (0x627, 0x64A), (0x4E00, 0x4FFF),
+            (0x1F300, 0x1F5FF), (0x2190, 0x21FF))  # fmt: skip
+
+
+def _roughen(prompt: str, rng: random.Random) -> str:
+    """`prompt` with one to three words of random foreign characters put in at random places.
+
+    Real prompt files hold scripts, emoji and symbols the tiny tokenizer has no merges for; trained only on plain
+    English prompts, the model loses its template on such a prompt and writes until the cap.
+    """
+    words = prompt.split(" ")
+    for _ in range(rng.randint(1, 3)):
+        lo, hi = rng.choice(_FOREIGN)
+        word = "".join(chr(rng.randint(lo, hi)) for _ in range(rng.randint(2, 8)))
+        words.insert(rng.randint(0, len(words)), word)
+    return " ".join(words)
+
+
 def _training_examples(with_images: bool) -> list[dict[str, Any]]:
     """The fixed corpus: (instruction, number of images, image colours, answer) for T1 and T2, both strategies.
 
@@ -260,12 +280,14 @@ def _training_examples(with_images: bool) -> list[dict[str, Any]]:
     from stages.reflect import reflect_instruction, reflect_instruction_hindsight
     from stages.think import think_instruction, think_instruction_hindsight
 
-    rng = random.Random(SEED)
+    rng, rough = random.Random(SEED), random.Random(SEED + 2)
     # The text-only LLM only ever writes T1 from the prompt (T2 and hindsight T1 look at images).
     kinds = ("t1", "t1_hindsight", "t2", "t2_hindsight") if with_images else ("t1",)
     examples = []
     for i, prompt in enumerate(generate_prompts(TRAIN_EXAMPLES, SEED)):
         kind, budget = kinds[i % len(kinds)], rng.choice((60, 96, 120, 600))
+        if rough.random() < 0.25:
+            prompt = _roughen(prompt, rough)
         plan = f"{THINK_OPEN}\n{_plan(rng)}\n{THINK_CLOSE}"
         opening, improvements, guidance, final = _reflection_parts(rng)
         reflection = "\n".join(
