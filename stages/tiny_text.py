@@ -397,7 +397,9 @@ def _train_lm(model: Any, tok: Any, processor: Any) -> None:
     pad_id = tok.convert_tokens_to_ids("<|endoftext|>")
     order = random.Random(SEED + 1)
     threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+    # torch._C's own setter: an in-process vLLM CPU engine (tests) replaces `torch.set_num_threads` with a no-op,
+    # and training on two threads instead of one gives other weights.
+    torch._C.set_num_threads(1)
     try:
         torch.manual_seed(SEED)
         optimizer = torch.optim.AdamW(model.parameters(), lr=TRAIN_LR, weight_decay=0.0)
@@ -412,7 +414,7 @@ def _train_lm(model: Any, tok: Any, processor: Any) -> None:
             optimizer.step()
             schedule.step()
     finally:
-        torch.set_num_threads(threads)
+        torch._C.set_num_threads(threads)
         model.eval()
 
 
