@@ -80,39 +80,52 @@ def test_dead_engine_raises_instead_of_failing_every_row() -> None:
     assert isinstance(StageError("x"), Exception)
 
 
-def test_killed_engine_core_fails_every_call_at_once(tiny_vlm_config, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_killed_engine_core_fails_every_call_at_once(ray_session, tiny_vlm_config) -> None:
     """The engine core in its own process, killed while requests are in flight: the waiting call and every later one
-    raise EngineDead within seconds (vLLM 0.32 alone would leave `step()` waiting forever), none returns text."""
-    from concurrent.futures import TimeoutError as FutureTimeout
+    raise EngineDead within seconds (vLLM 0.32 alone would leave `step()` waiting forever), none returns text.
 
-    from schemas.reflection import think_regex
-    from stages.engines.text import TextRequest, VLLMTextEngine
+    It runs in a Ray actor, a fresh process: vLLM caches its environment once an engine has started in a process
+    (this session's in-process engine), so VLLM_ENABLE_V1_MULTIPROCESSING=1 must be set before any engine starts."""
 
-    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    engine = VLLMTextEngine(tiny_vlm_config)
-    engine.setup()
-    try:
-        watched = engine._loop._watch
-        core = next(p for p in watched if "EngineCore" in " ".join(p.cmdline()))
+    def _kill_core_with_requests_in_flight(cfg) -> dict:  # noqa: ANN001 (a TextModelConfig; defined here: a test module is not importable on a Ray worker)
+        """In a fresh process: start the engine with its core in its own process, put 8 long requests in flight, SIGKILL
+        the core, and report what the waiting call and a later call did."""
+        from concurrent.futures import TimeoutError as FutureTimeout
+
+        from schemas.reflection import think_regex
+        from stages.engines.text import TextRequest, VLLMTextEngine
+
+        engine = VLLMTextEngine(cfg)
+        engine.setup()
+        core = next(p for p in engine._loop._watch if "EngineCore" in " ".join(p.cmdline()))
         long = [TextRequest(f"Plan {i}.", regex=r"<think>\n[a-z]{600}\n</think>", seed=i) for i in range(8)]
         future = engine._submit(long)
         deadline = time.monotonic() + 300
         while engine._loop.peak_in_flight < 8 and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert engine._loop.peak_in_flight == 8 and not future.done()  # the kill lands with 8 requests in flight
+        report = {"in_flight_at_kill": engine._loop.peak_in_flight, "done_before_kill": future.done()}
         core.send_signal(signal.SIGKILL)
         try:
             future.result(timeout=60)
+            report["waiting_call"] = "returned text"
         except FutureTimeout:
-            pytest.fail("the call still waits a minute after its engine core died")
+            report["waiting_call"] = "still waiting after 60 s"
         except EngineDead as exc:
-            assert "is gone" in str(exc) or "EngineDeadError" in str(exc), exc
-        else:
-            pytest.fail("a call on a killed engine returned text")
-        with pytest.raises(EngineDead):
+            report["waiting_call"] = f"EngineDead: {exc}"
+        try:
             engine.generate([TextRequest("Plan again.", regex=think_regex(16), seed=1)])
-    finally:
-        engine._llm = None  # its processes are gone; close() would wait on them
+            report["later_call"] = "returned text"
+        except EngineDead:
+            report["later_call"] = "EngineDead"
+        return report
+
+    env = {"VLLM_ENABLE_V1_MULTIPROCESSING": "1"}
+    run = ray_session.remote(num_cpus=0.5, runtime_env={"env_vars": env})(_kill_core_with_requests_in_flight)
+    report = ray_session.get(run.remote(tiny_vlm_config), timeout=900)
+    assert report["in_flight_at_kill"] == 8 and not report["done_before_kill"], report  # landed mid-generation
+    assert report["waiting_call"].startswith("EngineDead: "), report
+    assert "is gone" in report["waiting_call"] or "EngineDeadError" in report["waiting_call"], report
+    assert report["later_call"] == "EngineDead", report
 
 
 def _engine_cores(stage: str) -> list[psutil.Process]:
