@@ -80,14 +80,7 @@ def run_new(engine, requests: list, batch_size: int, concurrent: int) -> list[st
 
 
 def run_bare(engine, requests: list) -> list[str]:  # noqa: ANN001
-    from stages.engines.text import _messages
-
-    outputs = engine._llm.chat(
-        [_messages(r, "image_pil") for r in requests],
-        sampling_params=[engine._sampling_params(r) for r in requests],
-        use_tqdm=False,
-    )
-    return [o.outputs[0].text for o in outputs]
+    return run_sync(engine, requests, len(requests))  # one LLM.chat over all requests
 
 
 def main() -> None:

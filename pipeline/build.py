@@ -372,6 +372,7 @@ def _stage_pipeline(cfg: BuildConfig, specs: list[StageSpec], ds: Any, env: dict
         concurrent = spec.cls.concurrent and spec.resources is not None
         actor = type(f"StageActor_{spec.name}", (_ConcurrentStageActor if concurrent else _StageActor,), {})
         res = spec.resources
+        open_tasks = _open_tasks(cfg, res) if concurrent else None
         if res is None:
             ds = ds.map_batches(
                 actor, fn_constructor_args=(spec,), batch_format="pyarrow", zero_copy_batch=False,
@@ -387,8 +388,8 @@ def _stage_pipeline(cfg: BuildConfig, specs: list[StageSpec], ds: Any, env: dict
             compute=ray.data.ActorPoolStrategy(
                 size=res.replicas,
                 # Text stages: several batches per actor at once (continuous batching); others one at a time.
-                max_tasks_in_flight_per_actor=_open_tasks(cfg, res) if concurrent else None,
-                max_concurrent_calls_per_actor=_open_tasks(cfg, res) if concurrent else None,
+                max_tasks_in_flight_per_actor=open_tasks,
+                max_concurrent_calls_per_actor=open_tasks,
             ),
             num_cpus=res.num_cpus,
             num_gpus=res.num_gpus,

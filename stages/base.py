@@ -38,6 +38,7 @@ class Stage:
     def __init__(self, fault_rate: float = 0.0) -> None:
         # fault_rate > 0 makes `process` fail that share of rows on purpose (tests of failure isolation).
         self.fault_rate = fault_rate
+        self._clock = _SharedClock()  # splits wall time between overlapping `acall`s
 
     def setup(self) -> None:
         """Load models. Called once per process/actor before the first batch."""
@@ -75,12 +76,11 @@ class Stage:
         rows = self._ok_rows(batch)
         if not rows:
             return batch
-        clock = self.__dict__.setdefault("_clock", _SharedClock())
-        key = clock.enter()
+        key = self._clock.enter()
         try:
             results = await self.aprocess(batch, rows)
         finally:
-            seconds = clock.exit(key)
+            seconds = self._clock.exit(key)
         self._finish(batch, rows, results, seconds / len(rows))
         return batch
 
