@@ -32,7 +32,7 @@ import pyarrow.parquet as pq
 from pipeline.fsio import fsync_rename, sha256_file, write_atomic
 from pipeline.logs import redirect_worker_output
 from pipeline.secrets import redact_env, redact_obj, secret_values
-from pipeline.shards import write_dataset
+from pipeline.shards import config_hash, finish_dataset
 from schemas.config import BuildConfig
 from schemas.modes import ModeOptions
 from schemas.stages import STAGE_NAMES, model_id, model_label, model_stages, stage_config, stage_order
@@ -111,11 +111,12 @@ def stage_graph(cfg: BuildConfig) -> list[StageSpec]:
 # Rows and units
 
 
-def make_rows(cfg: BuildConfig, prompts: list[Prompt]) -> list[dict[str, Any]]:
-    """One work row per prompt: deterministic id (prompt, source, global seed, generation hash) and seed."""
+def make_rows(cfg: BuildConfig, prompts: list[Prompt], first: int = 0) -> list[dict[str, Any]]:
+    """One work row per prompt: deterministic id (prompt, source, global seed, generation hash) and seed. `first`:
+    the index of `prompts[0]` among all prompts (its unit follows from it)."""
     gen = cfg.generation_hash()
     rows = []
-    for index, p in enumerate(prompts):
+    for index, p in enumerate(prompts, start=first):
         tid = trajectory_id(p.text, p.source, cfg.seed, gen)
         rows.append(
             new_row(
@@ -421,14 +422,43 @@ def reject_record(row: dict[str, Any]) -> dict[str, Any]:
     }  # fmt: skip
 
 
+#: Rows per row group of a unit's trajectory file: readers that want a few rows (the report's samples, the shard
+#: writer) hold that many rows' images, not the unit's.
+TRAJECTORY_ROWS_PER_GROUP = 16
+
+
+def iter_unit_trajectories(out: Path, unit: int) -> Iterator[Trajectory]:
+    """The kept trajectories of a finished unit, in its order, one row group at a time."""
+    pf = pq.ParquetFile(out / "trajectories" / f"{unit_name(unit)}.parquet")
+    for g in range(pf.num_row_groups):
+        for row in pf.read_row_group(g).to_pylist():
+            yield Trajectory.from_row(row)
+
+
 def read_unit(out: Path, unit: int) -> tuple[dict[str, Trajectory], dict[str, dict[str, Any]]]:
     """The kept trajectories and the rejects of a finished unit, by id."""
-    name = unit_name(unit)
-    table = pq.read_table(out / "trajectories" / f"{name}.parquet")
-    kept = {row["id"]: Trajectory.from_row(row) for row in table.to_pylist()}
-    lines = (out / "rejects" / f"{name}.jsonl").read_text(encoding="utf-8").splitlines()
+    kept = {t.id: t for t in iter_unit_trajectories(out, unit)}
+    lines = (out / "rejects" / f"{unit_name(unit)}.jsonl").read_text(encoding="utf-8").splitlines()
     rejects = {r["id"]: r for r in map(json.loads, lines)}
     return kept, rejects
+
+
+def _stat(path: Path) -> dict[str, int]:
+    st = path.stat()
+    return {"bytes": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def _file_ok(path: Path, bytes_: int, sha256: str, mtime_ns: int | None) -> bool:
+    """Whether `path` still holds what a marker recorded. Same size and modification time: yes without reading it
+    (a rerun stats files, it does not hash terabytes); other time (a copy that did not keep times): the sha256
+    decides."""
+    try:
+        st = path.stat()
+    except OSError:
+        return False
+    if st.st_size != bytes_:
+        return False
+    return st.st_mtime_ns == mtime_ns or sha256_file(path) == sha256
 
 
 def write_unit(
@@ -439,10 +469,11 @@ def write_unit(
     rejects: dict[str, dict[str, Any]],
     gen_hash: str,
 ) -> dict[str, Any]:
-    """Write one finished unit: trajectories and rejects in the unit's id order, then the marker (last).
+    """Write one finished unit: trajectories and rejects in the unit's id order, then its marker (last).
 
-    Each file goes through temp name + fsync + rename; the marker lists their sha256, so a unit whose files
-    changed after its marker (a crash between the two) is not trusted and is redone as a whole.
+    Each file goes through temp name + fsync + rename; the marker lists their size, sha256 and time, so a unit
+    whose files changed after its marker (a crash between the two) is not trusted and is redone as a whole. The
+    marker's `shards` is null until the unit's mode shards are written (`unit_shards_done`).
     """
     if set(kept) | set(rejects) != set(ids) or set(kept) & set(rejects):
         raise BuildError(f"unit {unit}: every id must be kept or rejected exactly once")
@@ -451,7 +482,9 @@ def write_unit(
     rows = [kept[i].to_row() for i in ids if i in kept]
     traj_path.parent.mkdir(parents=True, exist_ok=True)
     tmp = traj_path.with_name(f".tmp-{traj_path.name}")
-    pq.write_table(pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), tmp, compression="zstd")
+    pq.write_table(pa.Table.from_pylist(rows, schema=TRAJECTORY_SCHEMA), tmp, compression="zstd",
+                   row_group_size=TRAJECTORY_ROWS_PER_GROUP)  # fmt: skip
+    del rows
     fsync_rename(tmp, traj_path)
     reject_path = out / "rejects" / f"{name}.jsonl"
     lines = [json.dumps(rejects[i], ensure_ascii=False, sort_keys=True) for i in ids if i in rejects]
@@ -470,17 +503,20 @@ def write_unit(
         "capped_at": dict(
             Counter(r["stage"] for r in rejects.values() if r["status"] == FAILED and is_cap_reason(r["reason"]))
         ),
-        "files": {
-            p.relative_to(out).as_posix(): {"bytes": p.stat().st_size, "sha256": sha256_file(p)}
-            for p in (traj_path, reject_path)
-        },
+        "files": {p.relative_to(out).as_posix(): {**_stat(p), "sha256": sha256_file(p)} for p in (traj_path, reject_path)},
+        "shards": None,
     }
-    write_atomic(out / STATE_DIR / "units" / f"{name}.json", json.dumps(marker, indent=1, sort_keys=True).encode())
+    _write_marker(out, marker)
     return marker
 
 
+def _write_marker(out: Path, marker: dict[str, Any]) -> None:
+    path = out / STATE_DIR / "units" / f"{unit_name(marker['unit'])}.json"
+    write_atomic(path, json.dumps(marker, indent=1, sort_keys=True).encode())
+
+
 def read_marker(out: Path, unit: int, gen_hash: str, ids: list[str]) -> dict[str, Any] | None:
-    """A unit's marker if it is valid: same generation hash and ids, every listed file present with its sha256."""
+    """A unit's marker if it is valid: same generation hash and ids, every listed file present as recorded."""
     path = out / STATE_DIR / "units" / f"{unit_name(unit)}.json"
     try:
         marker = json.loads(path.read_text())
@@ -489,17 +525,89 @@ def read_marker(out: Path, unit: int, gen_hash: str, ids: list[str]) -> dict[str
     if marker.get("generation_hash") != gen_hash or marker.get("ids") != ids:
         return None
     for rel, meta in marker.get("files", {}).items():
-        p = out / rel
-        if not p.is_file() or p.stat().st_size != meta["bytes"] or sha256_file(p) != meta["sha256"]:
+        if not _file_ok(out / rel, meta["bytes"], meta["sha256"], meta.get("mtime_ns")):
             return None
     return marker
 
 
-def read_trajectories(out: Path, units: Iterable[int]) -> Iterator[Trajectory]:
-    for unit in units:
-        table = pq.read_table(out / "trajectories" / f"{unit_name(unit)}.parquet")
-        for row in table.to_pylist():
-            yield Trajectory.from_row(row)
+def unit_shards_done(out: Path, marker: dict[str, Any], shards: dict[str, Any]) -> dict[str, Any]:
+    """Record a unit's written shards (`write_unit_shards`' result, with `mtimes`) in its marker."""
+    marker = {**marker, "shards": shards}
+    _write_marker(out, marker)
+    return marker
+
+
+def shards_current(out: Path, marker: dict[str, Any], shard_hash: str) -> bool:
+    """Whether the marker's unit has its shards, written with this shard config and unchanged since."""
+    shards = marker.get("shards")
+    if not shards or shards.get("config") != shard_hash:
+        return False
+    mtimes = shards.get("mtimes", {})
+    return all(_file_ok(out / f["path"], f["bytes"], f["sha256"], mtimes.get(f["path"])) for f in shards["files"])
+
+
+def derive_unit_shards(out: str, unit: int, shard_config: dict[str, Any]) -> dict[str, Any]:
+    """Read a finished unit's trajectories and write its six modes' shards (runs in a shard-writer process).
+    Returns `write_unit_shards`' result plus the files' modification times (for the marker, not the manifest)."""
+    from pipeline.shards import write_unit_shards
+    from schemas.config import ShardConfig
+
+    root = Path(out)
+    result = write_unit_shards(root, unit, iter_unit_trajectories(root, unit), ShardConfig(**shard_config))
+    result["mtimes"] = {f["path"]: (root / f["path"]).stat().st_mtime_ns for f in result["files"]}
+    return result
+
+
+class ShardWriters:
+    """Writes finished units' shards in `jobs` processes of this machine while the stages go on (0: in this
+    process, at once). `submit(unit)` queues a unit; `done(wait)` yields (unit, result) as they finish. A writer
+    that fails raises here: the unit keeps its marker without shards and the next run writes them.
+    """
+
+    def __init__(self, out: Path, shard_config: Any, jobs: int) -> None:
+        self.out = str(out)
+        self.config = shard_config.model_dump()
+        self.jobs = jobs
+        self.pool: Any = None
+        self.pending: dict[Any, int] = {}  # future -> unit
+        self.ready: list[tuple[int, dict[str, Any]]] = []  # in-process results not yet handed out
+
+    def submit(self, unit: int) -> None:
+        if self.jobs == 0:
+            self.ready.append((unit, derive_unit_shards(self.out, unit, self.config)))
+            return
+        if self.pool is None:
+            import multiprocessing
+            from concurrent.futures import ProcessPoolExecutor
+
+            # spawn: the driver holds threads (Ray, vLLM in the local executor) that fork would copy half-way.
+            self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
+        self.pending[self.pool.submit(derive_unit_shards, self.out, unit, self.config)] = unit
+
+    def done(self, wait: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
+        from concurrent.futures import FIRST_COMPLETED
+        from concurrent.futures import wait as wait_for
+
+        while self.ready:
+            yield self.ready.pop(0)
+        while self.pending:
+            finished, _ = wait_for(list(self.pending), timeout=None if wait else 0, return_when=FIRST_COMPLETED)
+            if not finished:
+                return
+            for future in sorted(finished, key=lambda f: self.pending[f]):
+                unit = self.pending.pop(future)
+                try:
+                    yield unit, future.result()
+                except Exception as exc:
+                    raise BuildError(
+                        f"writing the shards of unit {unit} failed: {type(exc).__name__}: {exc}; its trajectories "
+                        "are kept, a rerun writes them"
+                    ) from exc
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+            self.pool = None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -580,19 +688,48 @@ def build(
     progress: Any = None,
     stages: list[Stage] | None = None,
     log_dir: Path | str | None = None,
+    graph: list[StageSpec] | None = None,
 ) -> BuildResult:
     """Run the whole build. `executor` is "ray" (the product) or "local" (plain loop, same stage objects).
 
-    `progress(unit, marker)` is called as each unit lands; if it has a `start(units_to_run)` method, that is called
-    once before the stages start (pipeline.logs.UnitProgress prints k/N, elapsed and ETA). `log_dir`: the stage
-    actors write their stdout/stderr (engine logs) there instead of to Ray's console stream (pipeline/logs.py).
+    `progress(unit, marker)` is called as each unit is finished (its shards written); if it has a
+    `start(units_to_run)` method, that is called once before the stages start (pipeline.logs.UnitProgress prints
+    k/N, elapsed and ETA). `log_dir`: the stage actors write their stdout/stderr (engine logs) there instead of to
+    Ray's console stream (pipeline/logs.py).
 
     `stages` (local executor only) passes set-up stage objects in graph order, e.g. to reuse loaded engines
-    across builds in one process.
+    across builds in one process. `graph` replaces the configured stage graph (same names and order), e.g. by
+    engine-free stages for a benchmark of everything around the engines (bench/scale.py).
+
+    OUT is held for the whole build (pipeline/lock.py): a second build or publish on it fails at once.
     """
+    from pipeline.lock import OutLocked, hold_out
+
     started = time.perf_counter()
     out = Path(out)
     prompts, report = load_sources(cfg.prompts, prompts_path, limit)
+    try:
+        with hold_out(out, "irgl build"):
+            return _build(cfg, out, prompts, report, executor, address, force, progress, stages, log_dir, graph,
+                          started)  # fmt: skip
+    except OutLocked as exc:
+        raise BuildError(str(exc)) from None
+
+
+def _build(
+    cfg: BuildConfig,
+    out: Path,
+    prompts: list[Prompt],
+    report: PromptReport,
+    executor: str,
+    address: str | None,
+    force: bool,
+    progress: Any,
+    stages: list[Stage] | None,
+    log_dir: Path | str | None,
+    graph: list[StageSpec] | None,
+    started: float,
+) -> BuildResult:
     check_out_dir(out, cfg, force)
     gen_hash = cfg.generation_hash()
     out.mkdir(parents=True, exist_ok=True)
@@ -603,15 +740,15 @@ def build(
     write_atomic(out / STATE_DIR / BUILD_STATE, json.dumps(state, indent=1, sort_keys=True).encode())
     write_atomic(out / STATE_DIR / "prompts.json", json.dumps({**report.as_dict(), "problems": report.problems[:1000]},
                                                                indent=1, ensure_ascii=False).encode())  # fmt: skip
-    rows = make_rows(cfg, prompts)
-    by_unit: dict[int, list[dict[str, Any]]] = defaultdict(list)
-    for r in rows:
-        by_unit[r["unit"]].append(r)
+    # Rows are made unit by unit; only the ids of each unit stay (the marker check and the files' order need them).
+    unit_ids: dict[int, list[str]] = {}
     markers: dict[int, dict[str, Any]] = {}
     todo: list[dict[str, Any]] = []
     expected: dict[int, int] = {}  # rows of each unit sent through the stages in this run
-    for unit, unit_rows in sorted(by_unit.items()):
-        marker = read_marker(out, unit, gen_hash, [r["id"] for r in unit_rows])
+    for unit, start in enumerate(range(0, len(prompts), cfg.unit_size)):
+        unit_rows = make_rows(cfg, prompts[start : start + cfg.unit_size], first=start)
+        unit_ids[unit] = [r["id"] for r in unit_rows]
+        marker = read_marker(out, unit, gen_hash, unit_ids[unit])
         if marker is None:
             todo.extend(unit_rows)  # new, or interrupted before its marker: redo the whole unit
             expected[unit] = len(unit_rows)
@@ -621,13 +758,19 @@ def build(
         if retry:
             todo.extend(r for r in unit_rows if r["id"] in retry)
             expected[unit] = len(retry)
+    del prompts
     skipped = len(markers) - sum(1 for u in expected if u in markers)
     log.info(
         "%d prompts in %d units: %d units done, %d to run, %d failed rows to retry",
-        len(rows), len(by_unit), skipped, len(expected), sum(len(m.get("failed_ids", [])) for m in markers.values()),
+        sum(map(len, unit_ids.values())), len(unit_ids), skipped, len(expected),
+        sum(len(m.get("failed_ids", [])) for m in markers.values()),
     )  # fmt: skip
 
     specs = stage_graph(cfg)
+    if graph is not None:
+        if [s.name for s in graph] != [s.name for s in specs]:
+            raise BuildError(f"graph= must have the stages {[s.name for s in specs]}, in order")
+        specs = graph
     if log_dir is not None:
         specs = [dataclasses.replace(spec, log_dir=str(log_dir)) for spec in specs]
     if stages is not None:
@@ -635,51 +778,56 @@ def build(
             raise BuildError("stages= needs executor='local' and one stage object per graph step, in order")
         for stage, spec in zip(stages, specs, strict=True):
             stage.fault_rate = spec.kwargs.get("fault_rate", 0.0)  # the config decides, as for built stages
-    if todo and stages is None:
+    if todo and stages is None and graph is None:
         prebuild_tiny_models(cfg)
-    finished_rows: list[dict[str, Any]] = []  # light copies (no images) for the summary
     for key, value in cfg.ray.env_vars.items():  # the local executor runs the stages in this process
         os.environ.setdefault(key, value)
     if progress is not None and hasattr(progress, "start"):
         progress.start(len(expected))
-    if todo and executor == "ray":
-        init_ray(cfg, address)
-    if todo:
-        stream = run_ray(cfg, specs, todo) if executor == "ray" else run_sequential(specs, todo, stages)
-        pending: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
-        for row in stream:
-            unit = row["unit"]
-            if row["id"] in pending[unit]:
-                raise BuildError(f"row {row['id']} came out of the stages twice")
-            pending[unit][row["id"]] = row
-            if len(pending[unit]) < expected[unit]:
-                continue
-            done = pending.pop(unit)
-            kept, rejects = read_unit(out, unit) if unit in markers else ({}, {})
-            for rid, r in done.items():
-                rejects.pop(rid, None)  # a retried row replaces its earlier failure
-                if r["status"] == OK:
-                    kept[rid] = row_to_trajectory(r)
-                else:
-                    rejects[rid] = redact_obj(reject_record(r), secrets)  # error texts may quote a secret
-            ids = [r["id"] for r in by_unit[unit]]  # source order: deterministic files
-            markers[unit] = write_unit(out, unit, ids, kept, rejects, gen_hash)
-            finished_rows.extend({k: r[k] for k in ("status", "stage", "timings")} for r in done.values())
-            if progress:
+
+    shard_hash = config_hash(cfg.shards.model_dump())
+    writers = ShardWriters(out, cfg.shards, cfg.shard_writers)
+    stage_seconds: Counter = Counter()  # stage -> seconds, over the rows finished in this run
+
+    def landed(wait: bool = False) -> None:
+        """Record the units whose shards are written; report those that ran in this run."""
+        for unit, shards in writers.done(wait):
+            markers[unit] = unit_shards_done(out, markers[unit], shards)
+            if progress and unit in expected:
                 progress(unit, markers[unit])
-        if pending:
-            raise BuildError(f"the stage stream ended with {len(pending)} unfinished units: rows were lost")
 
-    # Summary over every unit (earlier runs included), from the markers.
+    try:
+        # Finished units without current shards (killed while writing them, another shard config): no GPU work.
+        for unit in sorted(u for u in markers if u not in expected):
+            if not shards_current(out, markers[unit], shard_hash):
+                writers.submit(unit)
+        if todo and executor == "ray":
+            init_ray(cfg, address)
+        if todo:
+            stream = run_ray(cfg, specs, todo) if executor == "ray" else run_sequential(specs, todo, stages)
+            del todo
+            pending: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
+            for row in stream:
+                unit = row["unit"]
+                if row["id"] in pending[unit]:
+                    raise BuildError(f"row {row['id']} came out of the stages twice")
+                pending[unit][row["id"]] = row
+                if len(pending[unit]) == expected[unit]:
+                    _land_unit(out, unit, pending.pop(unit), unit_ids[unit], markers, gen_hash, secrets,
+                               stage_seconds)  # fmt: skip
+                    writers.submit(unit)
+                landed()
+            if pending:
+                raise BuildError(f"the stage stream ended with {len(pending)} unfinished units: rows were lost")
+        landed(wait=True)
+    finally:
+        writers.close()
+
+    # The tail: the manifest and the card over every unit (earlier runs included), from the markers.
     counts = stage_counts(markers.values(), [s.name for s in specs])
-    stage_seconds: Counter = Counter()
-    for r in finished_rows:
-        for stage, sec in json.loads(r["timings"] or "{}").items():
-            stage_seconds[stage] += sec
-
-    result = write_dataset(
+    result = finish_dataset(
         out,
-        read_trajectories(out, sorted(markers)),
+        [markers[u]["shards"] for u in sorted(markers)],
         cfg.shards,
         build_config={"generation_hash": gen_hash, "shards": cfg.shards.model_dump()},
         card_info={
@@ -708,6 +856,30 @@ def build(
         wall_seconds=time.perf_counter() - started,
         stage_seconds=dict(stage_seconds),
     )
+
+
+def _land_unit(
+    out: Path,
+    unit: int,
+    done: dict[str, dict[str, Any]],
+    ids: list[str],
+    markers: dict[int, dict[str, Any]],
+    gen_hash: str,
+    secrets: list[str],
+    stage_seconds: Counter,
+) -> None:
+    """Write a unit whose rows all came out of the stages (merged with its earlier run's rows when only its failed
+    rows were retried): trajectories, rejects, marker."""
+    kept, rejects = read_unit(out, unit) if unit in markers else ({}, {})
+    for rid, r in done.items():
+        rejects.pop(rid, None)  # a retried row replaces its earlier failure
+        if r["status"] == OK:
+            kept[rid] = row_to_trajectory(r)
+        else:
+            rejects[rid] = redact_obj(reject_record(r), secrets)  # error texts may quote a secret
+        for stage, sec in json.loads(r["timings"] or "{}").items():
+            stage_seconds[stage] += sec
+    markers[unit] = write_unit(out, unit, ids, kept, rejects, gen_hash)  # source order: deterministic files
 
 
 def prebuild_tiny_models(cfg: BuildConfig) -> None:

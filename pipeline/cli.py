@@ -24,13 +24,22 @@ def verify(
     out: Path = typer.Argument(..., help="A built dataset directory (holds manifest.json)."),
     decode_images: bool = typer.Option(True, help="Fully decode every image (slower, catches damaged images)."),
     max_problems: int = typer.Option(200, help="Print at most this many problems (all are counted)."),
+    jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes checking units in parallel (0: all cores)."),
+    reuse: bool = typer.Option(
+        False, help="Re-check units an earlier verify found clean by size and sha256 only (as publish does)."
+    ),
 ) -> None:
-    """Re-read every shard of OUT; check sizes, sha256, records, shapes and Parquet/WebDataset agreement."""
+    """Re-read every shard of OUT; check sizes, sha256, records, shapes and Parquet/WebDataset agreement. Units
+    are checked in parallel; clean ones are recorded in OUT/state/verified.json for `irgl publish`."""
+    import time
+
+    from pipeline.verify import default_jobs
     from pipeline.verify import verify as run_verify
 
-    problems = run_verify(out, decode_images=decode_images)
+    started = time.perf_counter()
+    problems = run_verify(out, decode_images=decode_images, jobs=jobs or default_jobs(), reuse=reuse)
     if not problems:
-        typer.echo(f"OK: {out} verifies")
+        typer.echo(f"OK: {out} verifies ({time.perf_counter() - started:.1f} s)")
         return
     for problem in problems[:max_problems]:
         typer.echo(str(problem), err=True)

@@ -100,13 +100,20 @@ def collect(out: Path, samples: int = 8) -> dict[str, Any]:
     clip1, clip2, timings, sample_rows = [], [], Counter(), []
     files = sorted((out / "trajectories").glob("unit-*.parquet"))
     for path in files:
-        for row in pq.read_table(path).to_pylist():
-            scores = json.loads(row["scores"])
+        # Two small columns per trajectory; images are read only for the few sample rows below.
+        table = pq.read_table(path, columns=["scores", "timings"])
+        for scores_json, timings_json in zip(table.column("scores").to_pylist(), table.column("timings").to_pylist(),
+                                             strict=True):  # fmt: skip
+            scores = json.loads(scores_json)
             clip1.append(scores["clip_i1"])
             clip2.append(scores["clip_i2"])
-            timings.update(json.loads(row["timings"]))
-            if len(sample_rows) < samples:
-                sample_rows.append(row)
+            timings.update(json.loads(timings_json))
+    for path in files:
+        pf = pq.ParquetFile(path)
+        for g in range(pf.num_row_groups):
+            if len(sample_rows) >= samples:
+                break
+            sample_rows.extend(pf.read_row_group(g).to_pylist()[: samples - len(sample_rows)])
     for path in sorted((out / "rejects").glob("unit-*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             timings.update(json.loads(line).get("timings") or {})

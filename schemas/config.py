@@ -217,6 +217,13 @@ class BuildConfig(StrictModel):
     images: ImageEncodingConfig = Field(ImageEncodingConfig(), description="How I1/I2 are encoded in records.")
     shards: ShardConfig = Field(ShardConfig(), description="How the mode shards are written.")
     unit_size: int = Field(64, ge=1, description="Prompts per resumable work unit (a few GPU-minutes each).")
+    shard_writers: int = Field(
+        4,
+        ge=0,
+        description="Processes on the build driver's machine that write each finished unit's mode shards while the "
+        "stages run (0: the driver process itself). They only need CPU; the tail after the last unit then writes "
+        "just the manifest and the card.",
+    )
     ray: RayConfig = Field(RayConfig(), description="Where and how Ray runs.")
     fault_injection: dict[StageName, float] = Field(
         default_factory=dict,

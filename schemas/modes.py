@@ -223,12 +223,9 @@ def refs_to_base64(turns: list[dict[str, Any]], image_bytes: dict[str, bytes]) -
     return turns
 
 
-def mode_records(traj: Trajectory, options: ModeOptions = ModeOptions()) -> list[ModeRecord]:
-    """Turn one trajectory into its six mode records. Pure and deterministic; refuses what does not fit.
-
-    Raises TrajectoryError (naming the field) for a trajectory that cannot yield records, RecordError for a
-    record that would not fit its mode's shape.
-    """
+def _assemble(traj: Trajectory, options: ModeOptions, encode: bool) -> list[ModeRecord]:
+    """Check the trajectory and each mode's conversation; with `encode`, also build the records (base64 images,
+    JSON), which is most of the cost. The checks run on the conversations before their images are encoded."""
     traj.validate()
     info = {"i1": image_info(traj.i1), "i2": image_info(traj.i2)}
     ext = {"png": "png", "jpeg": "jpg"}
@@ -240,25 +237,40 @@ def mode_records(traj: Trajectory, options: ModeOptions = ModeOptions()) -> list
     for mode in MODES:
         turns = _turns(mode, traj, refs, options)
         used = [k for k in ("i1", "i2") if refs[k] in _image_refs(turns)]
-        image_bytes = {refs[k]: data[k] for k in used}
         images = json.dumps([{"name": refs[k], **info[k]} for k in used], sort_keys=True)
-        conversation = conversation_to_json(refs_to_base64(turns, image_bytes))
-        record = ModeRecord(
-            id=record_id(traj.id, mode),
-            mode=mode.name,
-            trajectory_id=traj.id,
-            prompt=traj.prompt,
-            source=traj.source,
-            strategy=traj.strategy,
-            conversation=conversation,
-            scores=scores,
-            models=models,
-            images=images,
-            image_bytes=image_bytes,
+        fields = {"id": record_id(traj.id, mode), "mode": mode.name, "trajectory_id": traj.id, "prompt": traj.prompt}
+        check_record(fields, options, decode_images=False, turns=turns, image_refs=True)
+        if not encode:
+            continue
+        image_bytes = {refs[k]: data[k] for k in used}
+        records.append(
+            ModeRecord(
+                **fields,
+                source=traj.source,
+                strategy=traj.strategy,
+                conversation=conversation_to_json(refs_to_base64(turns, image_bytes)),
+                scores=scores,
+                models=models,
+                images=images,
+                image_bytes=image_bytes,
+            )
         )
-        check_record(record.to_row(), options, decode_images=False)
-        records.append(record)
     return records
+
+
+def mode_records(traj: Trajectory, options: ModeOptions = ModeOptions()) -> list[ModeRecord]:
+    """Turn one trajectory into its six mode records. Pure and deterministic; refuses what does not fit.
+
+    Raises TrajectoryError (naming the field) for a trajectory that cannot yield records, RecordError for a
+    record that would not fit its mode's shape.
+    """
+    return _assemble(traj, options, encode=True)
+
+
+def check_trajectory(traj: Trajectory, options: ModeOptions = ModeOptions()) -> None:
+    """Raise what `mode_records` would raise, without encoding the records (the assemble stage's check: the shard
+    writers build the records once, later)."""
+    _assemble(traj, options, encode=False)
 
 
 def check_record(

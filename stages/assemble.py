@@ -1,7 +1,8 @@
-"""Assembly: a finished work row becomes a `Trajectory`, checked by building its six mode records.
+"""Assembly: a finished work row becomes a `Trajectory`, checked against each of its six modes' rules.
 
 A row that cannot yield valid records (e.g. an image that does not decode, a broken template) is filtered here
-with the reason, so the shard writers only ever see trajectories that fit the contract.
+with the reason, so the shard writers only ever see trajectories that fit the contract. The check does not
+encode the records (base64 images, JSON): the shard writers do that once, when the unit is written.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from schemas.modes import ModeOptions, RecordError, mode_records
+from schemas.modes import ModeOptions, RecordError, check_trajectory
 from schemas.trajectory import Trajectory, TrajectoryError
 from schemas.work import FILTERED, Batch
 from stages.base import Stage, StageError
@@ -48,7 +49,7 @@ class AssembleStage(Stage):
         for i in rows:
             row = {k: batch[k][i] for k in batch}
             try:
-                mode_records(row_to_trajectory(row), self.options)
+                check_trajectory(row_to_trajectory(row), self.options)
                 results.append(None)
             except (TrajectoryError, RecordError) as exc:
                 results.append(StageError(f"does not fit the record contract: {exc}", status=FILTERED))
