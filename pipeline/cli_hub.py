@@ -1,8 +1,8 @@
 """Command functions of `irgl plan` and `irgl publish` (registered in pipeline/cli.py).
 
 Thin, like the rest of the CLI: parse options, call pipeline.plan / pipeline.publish, map errors to exit codes
-(2: bad input found before anything runs, as `irgl build` does; 1: a dataset that does not verify, or warnings
-under `--strict`).
+(2: bad input found before anything runs, as `irgl build` does - for publish also an upload above --max-size
+without --yes and an OUT another command holds; 1: a dataset that does not verify, or warnings under `--strict`).
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ def publish_command(
     repo_id: str = typer.Option(..., "--repo-id", help="Hub dataset repository, ORG/NAME."),
     private: bool = typer.Option(False, "--private", help="Create the repository as private (if it does not exist)."),
     revision: str | None = typer.Option(None, "--revision", help="Branch to upload to (made from main if missing)."),
-    dry_run: bool = typer.Option(False, "--dry-run", help="Print the file list and commit plan; contact nothing."),
+    dry_run: bool = typer.Option(
+        False, "--dry-run", help="Print the size, file list and commit plan; contact nothing (over --max-size: warns)."
+    ),
     include_wds: bool = typer.Option(False, "--include-wds", help="Also upload the WebDataset tars (wds/)."),
     include_internal: bool = typer.Option(
         False, "--include-internal", help="Also upload trajectories/, rejects/ and state/."
@@ -66,21 +68,34 @@ def publish_command(
         None, "--stage-dir", help="Stage the upload in this empty folder and keep it (inspect it after --dry-run)."
     ),
     decode_images: bool = typer.Option(True, help="Verify by fully decoding every image (slower, thorough)."),
+    max_size: str = typer.Option(
+        "300GB",
+        "--max-size",
+        help="Refuse a larger upload unless --yes (300GB, 1.5TB, bytes; default: the public repository size the "
+        "Hub's dataset upload guide hosts without asking).",
+    ),
+    yes: bool = typer.Option(False, "--yes", help="Upload even when larger than --max-size."),
 ) -> None:
     """Verify OUT, then upload its mode Parquet shards and a Hub dataset card (resumable: rerun to continue).
-    The token comes from HF_TOKEN or `hf auth login` and is never printed."""
-    from pipeline.publish import PublishError, PublishRefused, publish
+    Prints the file count and total size first and refuses above --max-size unless --yes. The token comes from
+    HF_TOKEN or `hf auth login` and is never printed."""
+    from pipeline.lock import OutLocked
+    from pipeline.publish import PublishError, PublishRefused, parse_size, publish
 
+    try:
+        max_bytes = parse_size(max_size)
+    except ValueError as exc:
+        _fail(f"--max-size {exc}")
     try:
         publish(
             out, repo_id, private=private, revision=revision, include_wds=include_wds,
             include_internal=include_internal, license_name=license_name, dry_run=dry_run, stage_dir=stage_dir,
-            decode_images=decode_images, echo=typer.echo,
+            decode_images=decode_images, max_size=max_bytes, yes=yes, echo=typer.echo,
         )  # fmt: skip
     except PublishRefused as exc:
         for problem in exc.problems[:200]:
             typer.echo(str(problem), err=True)
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None
-    except PublishError as exc:
+    except (PublishError, OutLocked) as exc:
         _fail(str(exc))

@@ -1,18 +1,35 @@
 """`irgl publish OUT --repo-id ORG/NAME`: put a verified dataset on the Hugging Face Hub, from the driver only.
 
 What goes up: the six modes' Parquet shards (`data/<mode>/`), optionally the WebDataset tars (`--include-wds`)
-and the internal build files (`--include-internal`: trajectories/, rejects/, state/), plus two files written for
-the upload: a dataset card for the Hub (six configs, counts, license, models, strategy, how to load it with
-`datasets` and with the official IRG trainer) and a manifest restricted to the uploaded files, so that a
-downloaded copy passes `irgl verify` as it is.
+and the internal build files (`--include-internal`: trajectories/, rejects/, state/ without its lock), plus two
+files written for the upload: the dataset card for the Hub (pipeline.card, the same writer as the card in OUT,
+with the repo id in its examples) and a manifest restricted to the uploaded files, so that a downloaded copy
+passes `irgl verify` as it is.
+
+Size first: before anything else (verification included) publish prints the upload's file count and total size
+and checks them against the Hub's limits. Above `--max-size` (default 300 GB) it refuses unless `--yes`; a dry
+run only warns.
+
+The Hub's limits for large datasets (https://huggingface.co/docs/hub/storage-limits, "Repository limitations and
+recommendations"; hub-docs as of June 2026):
+- repository size: no per-repository limit for datasets, but every upload counts against the account's storage:
+  private storage is 100 GB on a free account, 1 TB on PRO (1 TB per seat for Team/Enterprise organizations, more
+  paid as you go); public storage is best-effort on a free account and up to 10 TB included on PRO (12 TB + 1 TB
+  per seat for Team, 200 TB + 1 TB per seat for Enterprise). The Hub's dataset upload guide
+  (docs/hub/datasets-upload-guide-llm.md) still names 300 GB as the public repository's soft cap ("contact HF if
+  larger", datasets@huggingface.co), hence the default `--max-size`;
+- file size: chunks under 200 GB recommended, 500 GB the hard limit of a single file (warned here);
+- files: under 100k per repository recommended, at most 10k entries per folder (warned here);
+- commits: no hard limit, but the Hub degrades after a few thousand; about 50-100 files per commit, which
+  `upload_folder` does by itself.
 
 How: the files are staged in a folder next to OUT (hard links, no copies; symlinks across file systems), then
-uploaded in two steps - the shards, then the card and manifest - so that the card only appears on the Hub with
-the data it describes. huggingface_hub 2.x uploads a folder through `HfApi.upload_folder`, which (with `hf_xet`,
-a dependency of huggingface_hub) streams files, commits in batches and resumes an interrupted upload when the same
-command is run again; earlier huggingface_hub versions have that behaviour in `HfApi.upload_large_folder`, which is
-used when present.
+uploaded in two steps - the data files, then the card and manifest - so that the card only appears on the Hub with
+the data it describes. huggingface_hub 2.4's `HfApi.upload_folder` (with `hf_xet`, a dependency of
+huggingface_hub) streams the files, commits them in batches and resumes an interrupted upload when the same command
+is run again (files already committed are skipped, uploaded chunks deduplicated).
 
+OUT is held (pipeline.lock) for the whole command: a build cannot write into it while it is checked and staged.
 The token comes from HF_TOKEN or the login file (`hf auth login`), read by huggingface_hub itself; irgl never
 prints or writes it. `--dry-run` contacts nothing and reads no token: it prints the file list and the commit plan.
 """
@@ -22,36 +39,44 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import shutil
 import tempfile
+from collections import defaultdict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from pipeline.card import DEFAULT_MODE
+from pipeline.card import CARD_NAME, MANIFEST_NAME, card_text, dataset_info
 from pipeline.fsio import write_atomic
-from pipeline.shards import CARD_NAME, MANIFEST_NAME
-from schemas.modes import MODES
+from pipeline.lock import LOCK_PATH
 
 REPO_TYPE = "dataset"
 INTERNAL_DIRS = ("trajectories", "rejects", "state")
 
-#: Conditions -> supervised targets of each mode (docs/IRGL_FORMAT.md), for the card.
-MODE_SUMMARY = {
-    1: "I2 (ViT), query quoting T_in -> T1",
-    2: "system prompt, T_in -> T1",
-    3: "system prompt, T_in -> T1, I2",
-    4: "I1, I2 (ViT), query quoting T_in -> T2",
-    5: "system prompt, T_in, T1, I1 -> T2",
-    6: "system prompt, T_in, T1, I1 -> T2, I2",
-}
+#: Default `--max-size`: the public repository size up to which the Hub's dataset upload guide hosts a dataset
+#: without asking (its "recommended_repo_size_gb: 300").
+DEFAULT_MAX_SIZE = 300 * 10**9
+#: docs/hub/storage-limits: "we strongly recommend splitting them into chunks <200GB each" ...
+HUB_FILE_RECOMMENDED = 200 * 10**9
+#: ... "500GB is the hard limit for a single file size".
+HUB_FILE_MAX = 500 * 10**9
+#: "The maximum number of files per folder cannot exceed 10k files per folder" (entries: files and folders).
+HUB_ENTRIES_PER_FOLDER = 10_000
+#: "we recommend keeping the total number of files under 100k".
+HUB_FILES_PER_REPO = 100_000
+#: Private storage of a free account.
+HUB_FREE_PRIVATE = 100 * 10**9
+HUB_LIMITS_URL = "https://huggingface.co/docs/hub/storage-limits"
 
 
 class PublishError(RuntimeError):
-    """Publishing cannot start: bad repo id, unusable staging folder, no token. The message says which."""
+    """Publishing cannot start: bad repo id or size, unusable staging folder, no token. The message says which."""
+
+
+class PublishTooLarge(PublishError):
+    """The upload is larger than `--max-size` and `--yes` was not given."""
 
 
 class PublishRefused(PublishError):
@@ -94,6 +119,62 @@ class PublishPlan:
         """Uploaded first: everything but the card and the manifest."""
         return [f for f in self.files if f.kind not in ("card", "manifest")]
 
+    def bytes_of(self, kind: str) -> int:
+        return sum(f.bytes for f in self.files if f.kind == kind)
+
+    def size_line(self) -> str:
+        """The first line publish prints: `upload: 1,234 files, 812.4 GB`."""
+        return f"upload: {len(self.files):,} files, {_size(self.total_bytes)}"
+
+    def hub_warnings(self) -> list[str]:
+        """Where the upload crosses the Hub's per-file, per-folder and per-repository limits (HUB_* above)."""
+        warnings = []
+        for f in self.files:
+            if f.bytes > HUB_FILE_MAX:
+                warnings.append(
+                    f"{f.path} is {_size(f.bytes)}: above the Hub's hard limit of {_size(HUB_FILE_MAX)} per file, "
+                    "the upload of this file will fail (write smaller shards)"
+                )
+            elif f.bytes > HUB_FILE_RECOMMENDED:
+                warnings.append(
+                    f"{f.path} is {_size(f.bytes)}: the Hub recommends files under {_size(HUB_FILE_RECOMMENDED)}"
+                )
+        entries: dict[str, set[str]] = defaultdict(set)
+        for f in self.files:
+            parts = f.path.split("/")
+            for depth in range(len(parts)):
+                entries["/".join(parts[:depth]) or "."].add(parts[depth])
+        for folder, names in sorted(entries.items()):
+            if len(names) > HUB_ENTRIES_PER_FOLDER:
+                warnings.append(
+                    f"{folder}/ would hold {len(names):,} entries: the Hub allows at most "
+                    f"{HUB_ENTRIES_PER_FOLDER:,} per folder (write fewer, larger shards)"
+                )
+        if len(self.files) > HUB_FILES_PER_REPO:
+            warnings.append(
+                f"{len(self.files):,} files: the Hub recommends under {HUB_FILES_PER_REPO:,} per repository"
+            )
+        if self.private and self.total_bytes > HUB_FREE_PRIVATE:
+            warnings.append(
+                f"a private repository of {_size(self.total_bytes)}: a free account holds {_size(HUB_FREE_PRIVATE)} "
+                "of private storage (PRO 1 TB, Team/Enterprise 1 TB per seat, more paid as you go)"
+            )
+        return warnings
+
+    def over_limit(self, max_bytes: int) -> str | None:
+        """Why the upload is above `max_bytes` and how to go on; None when it is not."""
+        if self.total_bytes <= max_bytes:
+            return None
+        ways = ["pass --yes to upload it anyway", "raise --max-size"]
+        if self.bytes_of("webdataset"):
+            ways.append(f"leave out --include-wds (the WebDataset tars are {_size(self.bytes_of('webdataset'))})")
+        if self.bytes_of("internal"):
+            ways.append(f"leave out --include-internal ({_size(self.bytes_of('internal'))})")
+        return (
+            f"the upload is {_size(self.total_bytes)} ({len(self.files):,} files), above --max-size "
+            f"{_size(max_bytes)}: {', or '.join(ways)}. The Hub's storage limits for large datasets: {HUB_LIMITS_URL}"
+        )
+
     def describe(self, staging: str = "<staging folder next to OUT>", token: str | None = None) -> str:
         """The file list with sizes and the commit plan, as text. `token` is where a token would come from
         (never the token)."""
@@ -130,13 +211,28 @@ class PublishPlan:
 
 
 # ---------------------------------------------------------------------------------------------------------------
-# What the dataset is (from OUT only)
+# Sizes
+
+
+_UNITS = {
+    "": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9, "t": 10**12,
+    "tb": 10**12, "p": 10**15, "pb": 10**15, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40, "pib": 2**50,
+}  # fmt: skip
+
+
+def parse_size(text: str) -> int:
+    """Bytes from a human size: `300GB`, `1.5TB`, `500 GiB`, `300000000000`: a number with an optional unit (B, kB,
+    MB, GB, TB, PB decimal; KiB ... PiB binary; case-insensitive; `1,000` and `1_000` allowed). ValueError if not."""
+    m = re.fullmatch(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*", text.replace(",", "").replace("_", ""))
+    if m is None or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"{text!r}: expected a size such as 300GB, 1.5TB, 500GiB or a number of bytes")
+    return int(round(float(m.group(1)) * _UNITS[m.group(2).lower()]))
 
 
 def _size(nbytes: float) -> str:
     for unit, scale in (("TB", 1e12), ("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
         if nbytes >= scale:
-            return f"{nbytes / scale:.1f} {unit}"
+            return f"{nbytes / scale:,.1f} {unit}"
     return f"{nbytes:.0f} B"
 
 
@@ -151,133 +247,8 @@ def _commit_batching() -> tuple[int, int, int]:
         return 250, 20, 1000
 
 
-def _front_matter(text: str) -> tuple[dict[str, Any], str]:
-    """Split a card into its YAML metadata and body ({} when it has none or it does not parse)."""
-    if text.startswith("---\n"):
-        end = text.find("\n---", 4)
-        if end != -1:
-            try:
-                meta = yaml.safe_load(text[4:end]) or {}
-            except yaml.YAMLError:
-                meta = {}
-            return (meta if isinstance(meta, dict) else {}), text[end + 4 :]
-    return {}, text
-
-
-def dataset_info(out: Path) -> dict[str, Any]:
-    """Facts for the card, read from OUT: counts and versions (manifest), strategy, models and image format (the
-    records themselves), name and license (the build's state/build.json, else the card `irgl build` wrote)."""
-    import pyarrow.parquet as pq
-
-    manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
-    info: dict[str, Any] = {
-        "counts": manifest["counts"],
-        "trajectories": manifest["trajectories"],
-        "shards": manifest.get("shards", {}),
-        "config_hash": manifest.get("config_hash"),
-        "package_versions": manifest.get("package_versions", {}),
-        "name": out.name,
-        "license": "other",
-        "strategy": "unknown",
-        "models": {},
-        "images": [],
-    }
-    card = out / CARD_NAME
-    meta, body = _front_matter(card.read_text(encoding="utf-8")) if card.is_file() else ({}, "")
-    if isinstance(meta.get("license"), str):
-        info["license"] = meta["license"]
-    for line in body.splitlines():
-        if line.startswith("# "):
-            info["name"] = line[2:].strip()
-            break
-    build_state = out / "state" / "build.json"
-    if build_state.is_file():
-        config = json.loads(build_state.read_text(encoding="utf-8")).get("config", {})
-        info["name"] = config.get("name", info["name"])
-        info["license"] = config.get("license", info["license"])
-    first = next((f for f in manifest["files"] if f["format"] == "parquet" and f["rows"]), None)
-    if first is not None:
-        row = pq.ParquetFile(out / first["path"]).read_row_group(0, columns=["strategy", "models", "images"])
-        record = row.to_pylist()[0]
-        info["strategy"] = record["strategy"]
-        info["models"] = json.loads(record["models"])
-        info["images"] = json.loads(record["images"])
-    return info
-
-
-def _size_category(n: int) -> str:
-    """The Hub's size_categories bucket for n rows per config."""
-    for bound, label in ((1_000, "n<1K"), (10_000, "1K<n<10K"), (100_000, "10K<n<100K"), (1_000_000, "100K<n<1M")):
-        if n < bound:
-            return label
-    return "1M<n<10M" if n < 10_000_000 else "10M<n<100M"
-
-
-def publish_card_text(info: dict[str, Any], repo_id: str, include_wds: bool = False) -> str:
-    """The card for the Hub: metadata with one config per mode (`data/<mode>/*.parquet`, the whole trajectory as
-    default), counts, license, strategy, models, and how to load it with `datasets` and the official IRG trainer.
-    Deterministic in its arguments."""
-    counts = info["counts"]
-    configs = [
-        {
-            "config_name": m.name,
-            "data_files": [{"split": "train", "path": f"data/{m.name}/*.parquet"}],
-            **({"default": True} if m.name == DEFAULT_MODE else {}),
-        }
-        for m in MODES
-    ]
-    header = {
-        "license": info["license"],
-        "pretty_name": info["name"],
-        "size_categories": [_size_category(max(counts.values(), default=0))],
-        "task_categories": ["text-to-image", "image-to-text"],
-        "tags": ["irg", "interleaving-reasoning-generation", "irgl", "synthetic"],
-        "configs": configs,
-    }
-    rows = "\n".join(f"| {m.index} | `{m.name}` | {MODE_SUMMARY[m.index]} | {counts.get(m.name, 0):,} |" for m in MODES)
-    models = "\n".join(f"- {stage}: `{name}`" for stage, name in sorted(info["models"].items())) or "- (not recorded)"
-    images = ", ".join(sorted({f"{i['format'].upper()} {i['width']}x{i['height']}" for i in info["images"]})) or "n/a"
-    t1_loss = str(bool(info["shards"].get("t1_loss_improving", False))).lower()
-    wds = (
-        "\nWebDataset copies of the same records are under `wds/<mode>/` (`<id>.json` + `<id>.i1.*` / `<id>.i2.*`).\n"
-        if include_wds
-        else ""
-    )
-    stage1 = "initial_full_learning, improving_full_learning (weight 1.0) and the four thinking modes (0.5)"
-    return (
-        "---\n"
-        + yaml.safe_dump(header, sort_keys=False, allow_unicode=True)
-        + "---\n\n"
-        + f"# {info['name']}\n\n"
-        + "Training data for Interleaving Reasoning Generation (IRG, arXiv 2509.06945) in the six IRGL learning "
-        + "modes, built with irgl. Each trajectory answers a prompt T_in with a thinking T1, an image I1, a "
-        + "reflection T2 and an improved image I2; each mode is the same trajectory cut differently.\n\n"
-        + f"- trajectories: {info['trajectories']:,} (one record per mode each)\n"
-        + f"- strategy: {info['strategy']}\n"
-        + f"- images: {images}\n"
-        + f"- T1 carries loss in the improving modes: {t1_loss}\n"
-        + f"- license: {info['license']} (the images and texts also fall under the terms of the models below)\n\n"
-        + "| # | config (mode) | conditions -> targets | records |\n|---|---|---|---|\n"
-        + rows
-        + "\n\n## Models\n\n"
-        + models
-        + "\n\n## Load with `datasets`\n\n"
-        + "```python\nimport json\nfrom datasets import load_dataset\n\n"
-        + f'ds = load_dataset("{repo_id}", "initial_full_learning", split="train")\n'
-        + 'turns = json.loads(ds[0]["conversation"])  # a list of turns; image parts hold base64 PNG/JPEG\n```\n\n'
-        + f'Without a config name, `load_dataset("{repo_id}")` loads `{DEFAULT_MODE}` (the whole trajectory).\n\n'
-        + "## Train with the official IRG trainer\n\n"
-        + "Download the dataset (or one mode, with `--include 'data/<mode>/*'`) and point each dataset entry's "
-        + "`data_dir` at a mode directory:\n\n"
-        + f"```bash\nhf download {repo_id} --repo-type dataset --local-dir irgl-data\n```\n\n"
-        + "then `data_dir: irgl-data/data/<mode>/` (Parquet with a `conversation` JSON column and small row "
-        + f"groups, as the trainer expects). Stage 1 mixes {stage1}; stage 2 uses the two full modes only.\n"
-        + wds
-        + "\n## Files and checks\n\n"
-        + f"`{MANIFEST_NAME}` lists every file of this repository with its size and sha256; after a download, "
-        + "`irgl verify irgl-data` checks a full download and re-reads every record against the IRGL format.\n\n"
-        + f"Built by irgl {info['package_versions'].get('irgl', '')} (config hash `{info['config_hash']}`).\n"
-    )
+# ---------------------------------------------------------------------------------------------------------------
+# Plan, stage, upload
 
 
 def published_manifest(out: Path, card: bytes, include_wds: bool, repo_id: str) -> bytes:
@@ -298,10 +269,6 @@ def published_manifest(out: Path, card: bytes, include_wds: bool, repo_id: str) 
     manifest["files"] = files
     manifest["published"] = {"repo_id": repo_id, "build_manifest_sha256": hashlib.sha256(raw).hexdigest()}
     return (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Plan, stage, upload
 
 
 def check_repo_id(repo_id: str) -> str:
@@ -328,14 +295,14 @@ def plan_publish(
     license_name: str | None = None,
 ) -> PublishPlan:
     """The exact upload: files from OUT's manifest (Parquet; WebDataset if asked), internal files if asked, the Hub
-    card and the restricted manifest. Reads OUT only."""
+    card (pipeline.card, for `repo_id`) and the restricted manifest. Reads OUT only."""
     out = Path(out)
     check_repo_id(repo_id)
-    info = dataset_info(out)
+    manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    info = dataset_info(out, manifest)
     if license_name:
         info["license"] = license_name
-    card = publish_card_text(info, repo_id, include_wds).encode("utf-8")
-    manifest = json.loads((out / MANIFEST_NAME).read_text(encoding="utf-8"))
+    card = card_text(info, repo_id, include_wds).encode("utf-8")
     files = []
     for f in manifest["files"]:
         if f["format"] == "parquet" or (f["format"] == "webdataset" and include_wds):
@@ -343,8 +310,9 @@ def plan_publish(
     if include_internal:
         for sub in INTERNAL_DIRS:
             for p in sorted((out / sub).rglob("*")) if (out / sub).is_dir() else []:
-                if p.is_file() and not p.name.startswith(".tmp-"):
-                    files.append(PlannedFile(p.relative_to(out).as_posix(), p.stat().st_size, "internal", p))
+                rel = p.relative_to(out).as_posix()
+                if p.is_file() and not p.name.startswith(".tmp-") and rel != LOCK_PATH:
+                    files.append(PlannedFile(rel, p.stat().st_size, "internal", p))
     published = published_manifest(out, card, include_wds, repo_id)
     files.append(PlannedFile(CARD_NAME, len(card), "card", None))
     files.append(PlannedFile(MANIFEST_NAME, len(published), "manifest", None))
@@ -388,7 +356,10 @@ def token_source() -> str | None:
 
 def upload(plan: PublishPlan, staged: Path) -> str:
     """The real upload from the staged folder (driver only): repo, branch, data files, then card and manifest.
-    Returns the dataset URL. Not exercised by the tests (they never contact the Hub)."""
+    Returns the dataset URL. Not exercised by the tests (they never contact the Hub).
+
+    The staged folder holds exactly the planned files, so the two steps are told apart by the card and manifest
+    names alone (patterns, not a list of every file: huggingface_hub matches each file against each pattern)."""
     from huggingface_hub import HfApi, get_token
 
     token = get_token()
@@ -398,20 +369,16 @@ def upload(plan: PublishPlan, staged: Path) -> str:
     api.create_repo(plan.repo_id, repo_type=REPO_TYPE, private=plan.private, exist_ok=True)
     if plan.revision and plan.revision != "main":
         api.create_branch(plan.repo_id, repo_type=REPO_TYPE, branch=plan.revision, exist_ok=True)
-    steps = [[f.path for f in plan.data_files], [CARD_NAME, MANIFEST_NAME]]
-    for number, paths in enumerate(steps, start=1):
-        if not paths:
-            continue
-        if hasattr(api, "upload_large_folder"):  # huggingface_hub < 2: the resumable multi-commit upload
-            api.upload_large_folder(
-                repo_id=plan.repo_id, folder_path=staged, repo_type=REPO_TYPE, revision=plan.revision,
-                allow_patterns=paths,
-            )  # fmt: skip
-        else:
-            api.upload_folder(
-                repo_id=plan.repo_id, folder_path=staged, repo_type=REPO_TYPE, revision=plan.revision,
-                allow_patterns=paths, commit_message=f"irgl publish ({number}/2): {len(paths)} file(s)",
-            )  # fmt: skip
+    last = [CARD_NAME, MANIFEST_NAME]
+    if plan.data_files:
+        api.upload_folder(
+            repo_id=plan.repo_id, folder_path=staged, repo_type=REPO_TYPE, revision=plan.revision,
+            ignore_patterns=list(last), commit_message=f"irgl publish (1/2): {len(plan.data_files)} file(s)",
+        )  # fmt: skip
+    api.upload_folder(
+        repo_id=plan.repo_id, folder_path=staged, repo_type=REPO_TYPE, revision=plan.revision,
+        allow_patterns=list(last), commit_message=f"irgl publish (2/2): {CARD_NAME} and {MANIFEST_NAME}",
+    )  # fmt: skip
     suffix = f"/tree/{plan.revision}" if plan.revision else ""
     return f"https://huggingface.co/datasets/{plan.repo_id}{suffix}"
 
@@ -428,41 +395,64 @@ def publish(
     dry_run: bool = False,
     stage_dir: Path | None = None,
     decode_images: bool = True,
+    max_size: int = DEFAULT_MAX_SIZE,
+    yes: bool = False,
     echo: Callable[[str], None] = print,
 ) -> PublishPlan:
-    """Verify OUT (PublishRefused if it does not verify), plan, stage and - unless `dry_run` - upload.
+    """Hold OUT, plan (size line and Hub-limit warnings first), refuse above `max_size` unless `yes` (a dry run only
+    warns: PublishTooLarge), verify (PublishRefused), stage and - unless `dry_run` - upload.
 
     `stage_dir` keeps the staged folder there (in a dry run too, for inspection, e.g. with `datasets`); otherwise
-    a temporary folder next to OUT is used and removed.
+    a temporary folder next to OUT is used and removed. pipeline.lock.OutLocked when another command holds OUT.
     """
+    from pipeline.lock import hold_out
     from pipeline.verify import verify
 
     out = Path(out)
     check_repo_id(repo_id)
-    problems = verify(out, decode_images=decode_images)
-    if problems:
-        raise PublishRefused(out, problems)
-    plan = plan_publish(
-        out, repo_id, private=private, revision=revision, include_wds=include_wds,
-        include_internal=include_internal, license_name=license_name,
-    )  # fmt: skip
-    echo(f"{out} verifies: {plan.info['trajectories']:,} trajectories, {len(plan.files)} files to upload")
-    if dry_run:
-        if stage_dir is not None:
-            stage(plan, stage_dir)
-            echo(f"staged in {stage_dir}")
-        echo(plan.describe(str(stage_dir) if stage_dir else "<staging folder next to OUT>", token_source()))
-        echo("dry run: nothing was uploaded and nothing was contacted")
-        return plan
-    staged = Path(stage_dir) if stage_dir else Path(tempfile.mkdtemp(prefix=f".{out.name}.publish-", dir=out.parent))
-    try:
-        if stage_dir is None:
-            staged.rmdir()  # stage() creates it
-        stage(plan, staged)
-        echo(plan.describe(str(staged), token_source()))
-        url = upload(plan, staged)
-    finally:
-        if stage_dir is None:
-            shutil.rmtree(staged, ignore_errors=True)
+    if not out.is_dir():
+        raise PublishError(f"{out}: no such dataset directory")
+    with hold_out(out, "irgl publish"):
+        try:
+            plan = plan_publish(
+                out, repo_id, private=private, revision=revision, include_wds=include_wds,
+                include_internal=include_internal, license_name=license_name,
+            )  # fmt: skip
+        except (OSError, ValueError, KeyError, TypeError) as exc:  # no or a broken manifest, an unreadable shard
+            problems = verify(out, decode_images=decode_images)
+            if problems:
+                raise PublishRefused(out, problems) from exc
+            raise PublishError(f"{out}: cannot plan the upload ({exc})") from exc
+        echo(plan.size_line())
+        for warning in plan.hub_warnings():
+            echo(f"warning: {warning}")
+        too_large = plan.over_limit(max_size)
+        if too_large and not yes:
+            if not dry_run:
+                raise PublishTooLarge(too_large)
+            echo(f"warning: {too_large} (a dry run goes on)")
+        problems = verify(out, decode_images=decode_images)
+        if problems:
+            raise PublishRefused(out, problems)
+        echo(f"{out} verifies: {plan.info['trajectories']:,} trajectories, {len(plan.files)} files to upload")
+        if dry_run:
+            if stage_dir is not None:
+                stage(plan, stage_dir)
+                echo(f"staged in {stage_dir}")
+            echo(plan.describe(str(stage_dir) if stage_dir else "<staging folder next to OUT>", token_source()))
+            echo("dry run: nothing was uploaded and nothing was contacted")
+            return plan
+        staged = (
+            Path(stage_dir) if stage_dir else Path(tempfile.mkdtemp(prefix=f".{out.name}.publish-", dir=out.parent))
+        )
+        try:
+            if stage_dir is None:
+                staged.rmdir()  # stage() creates it
+            stage(plan, staged)
+            echo(plan.describe(str(staged), token_source()))
+            url = upload(plan, staged)
+        finally:
+            if stage_dir is None:
+                shutil.rmtree(staged, ignore_errors=True)
     echo(f"published: {url}")
     return plan

@@ -1,20 +1,33 @@
-"""`irgl publish` up to the network: refusal, the file and commit plan, the staged folder (card, `datasets`
-loading offline, `irgl verify`), and a token that never shows. The upload itself is not exercised: nothing here
-contacts the Hub, and HfApi is neither faked nor mocked."""
+"""`irgl publish` up to the network: refusal, the size line and --max-size, the Hub's limits, the lock on OUT, the
+file and commit plan, the staged folder (the card from pipeline.card, `datasets` loading offline, `irgl verify`),
+and a token that never shows. The upload itself is not exercised: nothing here contacts the Hub, and HfApi is
+neither faked nor mocked."""
 
 from __future__ import annotations
 
 import json
 import shutil
 import socket
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import typer
 from typer.testing import CliRunner
 
+from pipeline.card import card_text, dataset_info
 from pipeline.cli_hub import publish_command
-from pipeline.publish import PublishError, plan_publish, stage
+from pipeline.lock import LOCK_PATH, hold_out
+from pipeline.publish import (
+    HUB_ENTRIES_PER_FOLDER,
+    PlannedFile,
+    PublishError,
+    PublishPlan,
+    parse_size,
+    plan_publish,
+    stage,
+)
 from pipeline.shards import write_dataset
 from pipeline.synthetic import synthetic_trajectories
 from pipeline.verify import verify
@@ -72,7 +85,7 @@ def test_file_plan(built: Path) -> None:
     plan = plan_publish(built, REPO)
     paths = [f.path for f in plan.files]
     assert set(paths) == _manifest_paths(built, "parquet") | {"README.md", "manifest.json"}
-    assert len(_manifest_paths(built, "parquet")) == 12  # 6 modes x 2 shards (rotation at 6 rows)
+    assert {p.split("/")[1] for p in _manifest_paths(built, "parquet")} == {m.name for m in MODES}
     for f in plan.files:
         if f.source is not None:
             assert f.bytes == (built / f.path).stat().st_size
@@ -81,8 +94,10 @@ def test_file_plan(built: Path) -> None:
     assert plan.info["strategy"] == "forward" and plan.info["models"]["draw"] == "pil"  # from the records
 
     with_wds = {f.path for f in plan_publish(built, REPO, include_wds=True).files}
-    assert with_wds - set(paths) == _manifest_paths(built, "webdataset") and len(with_wds) == 26
-    internal = {f.path for f in plan_publish(built, REPO, include_internal=True).files} - set(paths)
+    assert with_wds - set(paths) == _manifest_paths(built, "webdataset") and _manifest_paths(built, "webdataset")
+    with hold_out(built, "test"):  # the lock file exists while a command holds OUT: never uploaded
+        assert (built / LOCK_PATH).is_file()
+        internal = {f.path for f in plan_publish(built, REPO, include_internal=True).files} - set(paths)
     assert internal == {"state/build.json", "trajectories/unit-00000.parquet"}
     with pytest.raises(PublishError, match="ORG/NAME"):
         plan_publish(built, "no-slash")
@@ -98,6 +113,9 @@ def test_dry_run_stages_a_loadable_verified_dataset(
     )
     assert result.exit_code == 0, result.output
     out = result.output
+    plan = plan_publish(built, REPO, private=True)
+    assert out.splitlines()[0] == f"upload: {len(plan.files)} files, {plan.total_bytes / 1e3:.1f} kB"
+    assert "warning" not in out  # far below --max-size and every Hub limit
     assert "dry run: nothing was uploaded and nothing was contacted" in out
     assert "creates a private dataset repo" in out and "README.md and manifest.json last" in out
     for path in _manifest_paths(built, "parquet"):
@@ -112,6 +130,11 @@ def test_dry_run_stages_a_loadable_verified_dataset(
 
     # A downloaded copy verifies as it is (the manifest covers what is uploaded, with the Hub card).
     assert verify(staged) == []
+
+    # One writer: the staged card is pipeline.card's card_text for this repo (OUT's card: test_card.py).
+    manifest = json.loads((built / "manifest.json").read_text())
+    info = dataset_info(built, manifest)
+    assert (staged / "README.md").read_text() == card_text(info, REPO) != card_text(info)
 
     # The card: valid metadata for the Hub's card tools, six configs, the counts and the loading instructions.
     from huggingface_hub import DatasetCard, DatasetCardData
@@ -145,7 +168,16 @@ def test_token_never_printed_or_written(built: Path, tmp_path: Path, no_network:
     hf_home = tmp_path / "hf_home"
     staged = tmp_path / "stage"
     env = {"HF_TOKEN": FAKE_TOKEN, "HF_HOME": str(hf_home)}
-    before = {p: p.read_bytes() for p in built.rglob("*") if p.is_file()}
+
+    def dataset_files() -> dict[Path, bytes]:
+        """OUT but irgl's own bookkeeping in state/ (the lock, verify's records), which publish may write."""
+        return {
+            p: p.read_bytes()
+            for p in built.rglob("*")
+            if p.is_file() and (p.parent != built / "state" or p.name == "build.json")
+        }
+
+    before = dataset_files()
     result = CliRunner().invoke(
         _app(),
         ["publish", str(built), "--repo-id", REPO, "--dry-run", "--stage-dir", str(staged), "--include-wds"],
@@ -158,7 +190,8 @@ def test_token_never_printed_or_written(built: Path, tmp_path: Path, no_network:
     assert len(written) > 30
     for p in written:
         assert FAKE_TOKEN.encode() not in p.read_bytes(), p
-    assert {p: p.read_bytes() for p in built.rglob("*") if p.is_file()} == before  # OUT untouched
+    assert dataset_files() == before  # OUT untouched
+    assert (built / LOCK_PATH).read_bytes() == b""  # released
 
 
 def test_refuses_a_corrupt_dataset(built: Path, tmp_path: Path, no_network: None) -> None:
@@ -187,3 +220,105 @@ def test_stage_needs_an_empty_folder(built: Path, tmp_path: Path) -> None:
         stage(plan_publish(built, REPO), busy)
     result = CliRunner().invoke(_app(), ["publish", str(built), "--repo-id", "a/b/c", "--dry-run"])
     assert result.exit_code == 2 and "expected ORG/NAME" in result.output
+
+
+def test_parse_size() -> None:
+    assert parse_size("300GB") == 300 * 10**9 == parse_size("300 gb") == parse_size("300G")
+    assert parse_size("1.5TB") == 1_500_000_000_000 and parse_size("2KiB") == 2048 and parse_size("1,000") == 1000
+    assert parse_size("12345") == 12345 and parse_size(".5 MB") == 500_000
+    for bad in ("", "GB", "1.5 XB", "-3GB", "3 GB GB"):
+        with pytest.raises(ValueError, match="expected a size"):
+            parse_size(bad)
+
+
+def test_refuses_above_max_size_unless_yes(built: Path, tmp_path: Path, no_network: None) -> None:
+    plan = plan_publish(built, REPO, include_wds=True)
+    limit = plan.total_bytes - 1
+    staged = tmp_path / "stage"
+    args = ["publish", str(built), "--repo-id", REPO, "--include-wds", "--max-size", str(limit)]
+
+    # A real upload above the limit: refused before verifying, staging or contacting anything.
+    result = CliRunner().invoke(_app(), [*args, "--stage-dir", str(staged)])
+    assert result.exit_code == 2, result.output
+    first, *_ = result.output.splitlines()
+    assert first == f"upload: {len(plan.files)} files, {plan.total_bytes / 1e3:.1f} kB"
+    size, wds = f"{plan.total_bytes / 1e3:.1f} kB", f"{plan.bytes_of('webdataset') / 1e3:.1f} kB"
+    assert (
+        f"error: the upload is {size} ({len(plan.files)} files), above --max-size {limit / 1e3:.1f} kB" in result.output
+    )
+    assert "pass --yes to upload it anyway, or raise --max-size, or leave out --include-wds" in result.output
+    assert f"(the WebDataset tars are {wds})" in result.output and "verifies" not in result.output
+    assert "https://huggingface.co/docs/hub/storage-limits" in result.output
+    assert not staged.exists()
+
+    # Exactly at the limit: not refused (the dry run goes through without a warning).
+    at = CliRunner().invoke(_app(), [*args[:-1], str(plan.total_bytes), "--dry-run"])
+    assert at.exit_code == 0 and "warning" not in at.output, at.output
+
+    # A dry run above the limit warns and goes on; with --yes there is nothing to warn about.
+    dry = CliRunner().invoke(_app(), [*args, "--dry-run"])
+    assert dry.exit_code == 0, dry.output
+    assert f"warning: the upload is {size}" in dry.output and "(a dry run goes on)" in dry.output
+    yes = CliRunner().invoke(_app(), [*args, "--dry-run", "--yes", "--stage-dir", str(staged)])
+    assert yes.exit_code == 0, yes.output
+    assert "above --max-size" not in yes.output and "dry run: nothing was uploaded" in yes.output
+    files = {p.relative_to(staged).as_posix() for p in staged.rglob("*") if p.is_file()}
+    assert files == {f.path for f in plan.files}
+
+    # The default limit (300 GB) lets a small dataset through; a size that does not parse is bad input.
+    assert CliRunner().invoke(_app(), ["publish", str(built), "--repo-id", REPO, "--dry-run"]).exit_code == 0
+    bad = CliRunner().invoke(_app(), ["publish", str(built), "--repo-id", REPO, "--max-size", "lots"])
+    assert bad.exit_code == 2 and "--max-size 'lots': expected a size" in bad.output
+
+
+def test_hub_limit_warnings(tmp_path: Path) -> None:
+    """The plan's checks against the Hub's per-file, per-folder and per-repository limits, on a plan of sizes only
+    (nothing of that size is written)."""
+
+    def plan(files: list[PlannedFile], private: bool = False) -> PublishPlan:
+        return PublishPlan(tmp_path, REPO, private, None, files, "", b"")
+
+    small = [PlannedFile(f"data/m/train-{i:05d}.parquet", 1000, "parquet", None) for i in range(3)]
+    assert plan(small).hub_warnings() == []
+    big = plan([*small, PlannedFile("data/m/big.parquet", 250 * 10**9, "parquet", None)]).hub_warnings()
+    assert big == ["data/m/big.parquet is 250.0 GB: the Hub recommends files under 200.0 GB"]
+    huge = plan([PlannedFile("wds/m/huge.tar", 501 * 10**9, "webdataset", None)]).hub_warnings()
+    assert len(huge) == 1 and "above the Hub's hard limit of 500.0 GB per file" in huge[0]
+
+    n = HUB_ENTRIES_PER_FOLDER
+    at_limit = [PlannedFile(f"data/m/{i}.parquet", 1, "parquet", None) for i in range(n)]
+    assert plan(at_limit).hub_warnings() == []
+    over = plan([*at_limit, PlannedFile("data/m/x.parquet", 1, "parquet", None)]).hub_warnings()
+    assert over == [f"data/m/ would hold {n + 1:,} entries: the Hub allows at most {n:,} per folder (write fewer, "
+                    "larger shards)"]  # fmt: skip
+    folders = [PlannedFile(f"data/{i}/a.parquet", 1, "parquet", None) for i in range(n + 1)]  # entries, not files
+    assert plan(folders).hub_warnings() == [
+        f"data/ would hold {n + 1:,} entries: the Hub allows at most {n:,} per folder (write fewer, larger shards)"
+    ]
+    private = plan([PlannedFile("data/m/a.parquet", 101 * 10**9, "parquet", None)], private=True).hub_warnings()
+    assert len(private) == 1 and "a free account holds 100.0 GB of private storage" in private[0]
+
+
+def test_publish_holds_out(built: Path, tmp_path: Path, no_network: None) -> None:
+    """A publish on an OUT that another process holds (a build, say) fails at once, naming the holder."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys\nfrom pipeline.lock import hold_out\n"
+         f"with hold_out({str(built)!r}, 'irgl build'):\n    print('held', flush=True)\n    sys.stdin.read()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        staged = tmp_path / "stage"
+        result = CliRunner().invoke(
+            _app(), ["publish", str(built), "--repo-id", REPO, "--dry-run", "--stage-dir", str(staged)]
+        )
+        assert result.exit_code == 2, result.output
+        assert f"error: {built}: in use by irgl build (pid {holder.pid} on host {socket.gethostname()}" in result.output
+        assert "upload:" not in result.output and not staged.exists()
+    finally:
+        holder.stdin.close()
+        assert holder.wait(timeout=30) == 0
+    assert CliRunner().invoke(_app(), ["publish", str(built), "--repo-id", REPO, "--dry-run"]).exit_code == 0
+    missing = CliRunner().invoke(_app(), ["publish", str(tmp_path / "nowhere"), "--repo-id", REPO, "--dry-run"])
+    assert missing.exit_code == 2 and "no such dataset directory" in missing.output
+    assert not (tmp_path / "nowhere").exists()  # the lock did not create it
