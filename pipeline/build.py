@@ -503,7 +503,9 @@ def write_unit(
         "capped_at": dict(
             Counter(r["stage"] for r in rejects.values() if r["status"] == FAILED and is_cap_reason(r["reason"]))
         ),
-        "files": {p.relative_to(out).as_posix(): {**_stat(p), "sha256": sha256_file(p)} for p in (traj_path, reject_path)},
+        "files": {
+            p.relative_to(out).as_posix(): {**_stat(p), "sha256": sha256_file(p)} for p in (traj_path, reject_path)
+        },
         "shards": None,
     }
     _write_marker(out, marker)
@@ -831,7 +833,7 @@ def _build(
         cfg.shards,
         build_config={"generation_hash": gen_hash, "shards": cfg.shards.model_dump()},
         card_info={
-            "title": cfg.name,
+            "name": cfg.name,
             "license": cfg.license,
             "strategy": cfg.strategy,
             "models": _model_names(cfg),

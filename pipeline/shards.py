@@ -235,8 +235,10 @@ def write_unit_shards(out: Path, unit: int, trajectories: Iterable[Trajectory], 
     parquet = {m.name: ParquetShardWriter(out / "data" / m.name, shard_stems(unit, m.name)["parquet"], config)
                for m in MODES}  # fmt: skip
     wds = (
-        {m.name: WebDatasetShardWriter(out / "wds" / m.name, shard_stems(unit, m.name)["webdataset"], config)
-         for m in MODES}  # fmt: skip
+        {
+            m.name: WebDatasetShardWriter(out / "wds" / m.name, shard_stems(unit, m.name)["webdataset"], config)
+            for m in MODES
+        }  # fmt: skip
         if config.webdataset
         else {}
     )
@@ -304,10 +306,11 @@ def finish_dataset(
     """The tail: the card and the manifest (last) over units whose shards are written (`write_unit_shards`
     results, any order). Reads no shard: its cost grows with the number of files, not with their bytes.
 
-    `build_config` is hashed into the manifest; `card_info` overrides facts of the card (title, license, models,
-    strategy); `extra` (deterministic build facts: prompt and stage counts) is stored in the manifest under "build".
+    `build_config` is hashed into the manifest; `card_info` overrides facts of the card (keys of
+    `pipeline.card.dataset_info`: name, license, models, strategy); `extra` (deterministic build facts: prompt and
+    stage counts) is stored in the manifest under "build".
     """
-    from pipeline.card import write_card
+    from pipeline.card import dataset_info, write_card
 
     out = Path(out)
     units = sorted(units, key=lambda u: u["unit"])
@@ -317,13 +320,9 @@ def finish_dataset(
     )
     _remove_unlisted(out, {f["path"] for f in files})
     counts = {m.name: sum(u["counts"].get(m.name, 0) for u in units) for m in MODES}
-    trajectories = sum(u["trajectories"] for u in units)
-    card_path = write_card(out, counts, trajectories, shard_config, card_info or {})
-    files.append({"path": card_path.name, "mode": None, "format": "card", "unit": None, "rows": None,
-                  "bytes": card_path.stat().st_size, "sha256": sha256_file(card_path)})  # fmt: skip
     manifest = {
         "format_version": FORMAT_VERSION,
-        "trajectories": trajectories,
+        "trajectories": sum(u["trajectories"] for u in units),
         "counts": counts,
         "files": files,
         "config_hash": config_hash(build_config or {}),
@@ -331,8 +330,12 @@ def finish_dataset(
         "package_versions": package_versions(),
         "build": extra or {},
     }
+    info = {**dataset_info(out, manifest), **(card_info or {})}
+    card_path = write_card(out, info, include_wds=shard_config.webdataset)
+    files.append({"path": card_path.name, "mode": None, "format": "card", "unit": None, "rows": None,
+                  "bytes": card_path.stat().st_size, "sha256": sha256_file(card_path)})  # fmt: skip
     write_atomic(out / MANIFEST_NAME, (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8"))
-    return WriteResult(counts=counts, files=files, trajectories=trajectories)
+    return WriteResult(counts=counts, files=files, trajectories=manifest["trajectories"])
 
 
 def write_dataset(

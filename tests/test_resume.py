@@ -65,12 +65,29 @@ def _files(out: Path) -> dict[str, bytes]:
     return {p.relative_to(out).as_posix(): p.read_bytes() for p in paths if p.is_file()}
 
 
+def _second_build_is_refused(config: Path, out: Path, first: subprocess.Popen) -> None:
+    """While `first` builds OUT, a second build of it fails at once, naming the first one's pid and host."""
+    import socket
+
+    lock = out / "state" / "lock"
+    deadline = time.monotonic() + 120
+    while not (lock.is_file() and f'"pid": {first.pid}' in lock.read_text()):
+        assert first.poll() is None and time.monotonic() < deadline, "the build never took OUT's lock"
+        time.sleep(0.2)
+    cmd = [sys.executable, "-m", "pipeline.cli", "build", "--config", str(config), "--out", str(out)]
+    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120, check=False)
+    assert second.returncode == 2, second.stderr
+    assert f"pid {first.pid} on host {socket.gethostname()}" in second.stderr and "irgl build" in second.stderr
+    assert first.poll() is None  # refused while the first build still runs: at once, not after waiting for it
+
+
 def test_kill_anywhere_then_resume_is_exactly_once_and_byte_identical(tmp_path: Path) -> None:
     config = _config(tmp_path, prompts={"kind": "generator", "generator_count": 8, "generator_seed": 4}, unit_size=2)
     log = tmp_path / "build.log"
     ref = tmp_path / "reference"
     t0 = time.monotonic()
     proc = _start(config, ref, log)
+    _second_build_is_refused(config, ref, proc)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
     duration = time.monotonic() - t0
 
@@ -78,12 +95,18 @@ def test_kill_anywhere_then_resume_is_exactly_once_and_byte_identical(tmp_path: 
     rng = random.Random(KILL_SEED)
     moments = sorted(rng.uniform(0.25, 1.0) * duration for _ in range(3))
     print(f"kill seed {KILL_SEED}: reference {duration:.0f} s, kills after {[round(m) for m in moments]} s")
+    stale = []
     for moment in moments:
         proc = _start(config, out, log)
         try:
             proc.wait(timeout=moment)
         except subprocess.TimeoutExpired:
             _kill_group(proc)
+            holder = json.loads((out / "state" / "lock").read_text() or "{}")
+            assert holder.get("pid") == proc.pid, holder  # killed while it held OUT
+            stale.append(proc.pid)
+    # Each kill left OUT's lock file naming a process that is gone (a stale lock); every next run took OUT anyway.
+    assert stale and all(not psutil.pid_exists(pid) for pid in stale), stale
     proc = _start(config, out, log)
     assert proc.wait(timeout=900) == 0, log.read_text()[-3000:]
 
@@ -265,3 +288,35 @@ def test_force_replaces_a_build_with_another_config(
     assert len(new_ids) == 2 and not new_ids & old_ids
     assert verify(out) == []
     assert json.loads((out / "state" / "build.json").read_text())["generation_hash"] == second.generation_hash()
+
+
+def test_rerun_rewrites_missing_or_reconfigured_shards_without_the_stages(
+    tmp_path: Path, vlm_engine, image_engine, clip_scorer, tiny_vlm_config
+) -> None:
+    """Shards are derived per unit from its trajectories: a lost shard file, or another shard config, is redone by a
+    rerun from the unit's trajectory file, with no row sent through the stages again."""
+    data = yaml.safe_load(TINY.read_text())
+    data.update(prompts={"kind": "generator", "generator_count": 4, "generator_seed": 2}, unit_size=2, shard_writers=1)
+    cfg = BuildConfig.model_validate(data)
+    out = tmp_path / "out"
+    stages = session_stages(cfg, tiny_vlm_config, vlm_engine, image_engine, clip_scorer)
+    first = build(cfg, out, executor="local", stages=stages)
+    assert first.units_run == 2 and first.stage_seconds
+    before = _files(out)
+    traj_times = {p.name: p.stat().st_mtime_ns for p in (out / "trajectories").iterdir()}
+    lost = out / "data" / "initial_full_learning" / "train-00001-000.parquet"
+    lost.unlink()
+
+    again = build(cfg, out, executor="local", stages=stages)
+    assert (again.units_run, again.units_skipped, again.stage_seconds) == (0, 2, {})  # no row went through a stage
+    assert _files(out) == before  # the lost file is back, byte for byte; nothing else changed
+
+    regrouped = BuildConfig.model_validate({**data, "shards": {"rows_per_group": 1}})
+    third = build(regrouped, out, executor="local", stages=stages)
+    assert (third.units_run, third.stage_seconds) == (0, {})
+    assert verify(out) == []
+    for m in MODES:
+        for path in (out / "data" / m.name).iterdir():
+            meta = pq.ParquetFile(path).metadata
+            assert meta.num_row_groups == meta.num_rows == 2  # each unit's 2 records, one per row group now
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "trajectories").iterdir()} == traj_times

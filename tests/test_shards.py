@@ -30,7 +30,14 @@ def trajectories():
 @pytest.fixture(scope="module")
 def built(tmp_path_factory, trajectories) -> Path:
     out = tmp_path_factory.mktemp("built")
-    write_dataset(out, trajectories, ShardConfig(rows_per_group=4, max_rows_per_shard=5), build_config={"k": 1})
+    write_dataset(
+        out,
+        trajectories,
+        ShardConfig(rows_per_group=4, max_rows_per_shard=5),
+        unit_size=6,
+        build_config={"k": 1},
+        card_info={"name": "tiny"},  # the card's title; by default the folder's name
+    )
     return out
 
 
@@ -41,10 +48,11 @@ def test_layout_counts_and_verify(built: Path, trajectories) -> None:
     assert manifest["counts"] == {m.name: N for m in MODES}
     for m in MODES:
         names = sorted(p.name for p in (built / "data" / m.name).iterdir())
-        # 12 rows, rotation every 5 rows -> 3 shards, named with the final total
-        assert names == [f"train-0000{i}-of-00003.parquet" for i in range(3)]
+        # 12 rows in units of 6, rotation every 5 rows -> two parts per unit, named by unit and part
+        assert names == ["train-00000-000.parquet", "train-00000-001.parquet", "train-00001-000.parquet",
+                         "train-00001-001.parquet"]  # fmt: skip
         assert sorted(p.name for p in (built / "wds" / m.name).iterdir()) == [
-            f"{m.name}-00000{i}.tar" for i in range(3)
+            f"{m.name}-0000{u}-00{i}.tar" for u in range(2) for i in range(2)
         ]
         for name in names:
             meta = pq.ParquetFile(built / "data" / m.name / name).metadata
@@ -54,6 +62,9 @@ def test_layout_counts_and_verify(built: Path, trajectories) -> None:
     for f in manifest["files"]:
         data = (built / f["path"]).read_bytes()
         assert f["bytes"] == len(data) and f["sha256"] == hashlib.sha256(data).hexdigest()
+        if f["format"] != "card":
+            assert f["unit"] == int(f["path"].split("-")[-2])
+    assert [f["rows"] for f in manifest["files"] if f["path"].startswith("data/initial_full")] == [5, 1, 5, 1]
     assert not list(built.rglob(".tmp-*"))
 
 
@@ -99,21 +110,30 @@ def test_webdataset_sample_converts_back_to_the_parquet_conversation(built: Path
 
 def test_two_writes_are_byte_identical(tmp_path: Path, trajectories, built: Path) -> None:
     out = tmp_path / "again"
-    write_dataset(out, trajectories, ShardConfig(rows_per_group=4, max_rows_per_shard=5), build_config={"k": 1})
+    write_dataset(
+        out,
+        trajectories,
+        ShardConfig(rows_per_group=4, max_rows_per_shard=5),
+        unit_size=6,
+        build_config={"k": 1},
+        card_info={"name": "tiny"},  # the card's title; by default the folder's name
+    )
     a = {p.relative_to(built).as_posix(): p.read_bytes() for p in built.rglob("*") if p.is_file()}
     b = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
-    assert a.keys() == b.keys() and len(a) == 6 * 3 * 2 + 2
+    assert a.keys() == b.keys() and len(a) == 6 * 4 * 2 + 2
     assert [k for k in a if a[k] != b[k]] == []
 
 
 def test_rewrite_with_fewer_shards_leaves_no_stale_files(tmp_path: Path, trajectories) -> None:
     out = tmp_path / "o"
-    write_dataset(out, trajectories, ShardConfig(max_rows_per_shard=2))
-    write_dataset(out, trajectories[:3], ShardConfig(max_rows_per_shard=2))
+    write_dataset(out, trajectories, ShardConfig(max_rows_per_shard=2), unit_size=4)
+    write_dataset(out, trajectories[:3], ShardConfig(max_rows_per_shard=2), unit_size=4)
+    # 12 trajectories: 3 units of 2 parts; then 3 trajectories: unit 0 only, parts 000 (2 rows) and 001 (1 row)
     assert sorted(p.name for p in (out / "data" / MODES[0].name).iterdir()) == [
-        "train-00000-of-00002.parquet",
-        "train-00001-of-00002.parquet",
+        "train-00000-000.parquet",
+        "train-00000-001.parquet",
     ]
+    assert not list(out.rglob(".tmp-*"))
     assert verify(out) == []
 
 
@@ -129,14 +149,14 @@ def test_rotation_by_bytes(tmp_path: Path, trajectories) -> None:
 
 def test_corrupt_byte_in_parquet_is_named(tmp_path: Path, trajectories) -> None:
     out = tmp_path / "c"
-    write_dataset(out, trajectories, ShardConfig(max_rows_per_shard=6))
-    victim = out / "data" / "initial_full_learning" / "train-00001-of-00002.parquet"
+    write_dataset(out, trajectories, ShardConfig(), unit_size=6)
+    victim = out / "data" / "initial_full_learning" / "train-00001-000.parquet"
     data = bytearray(victim.read_bytes())
     data[len(data) // 2] ^= 0xFF
     victim.write_bytes(bytes(data))
     problems = verify(out)
     assert problems, "a flipped byte must be detected"
-    assert {p.path for p in problems} >= {"data/initial_full_learning/train-00001-of-00002.parquet"}
+    assert {p.path for p in problems} >= {"data/initial_full_learning/train-00001-000.parquet"}
     assert any("sha256" in p.message for p in problems)
     assert all("improving" not in p.path for p in problems)
 
@@ -144,19 +164,19 @@ def test_corrupt_byte_in_parquet_is_named(tmp_path: Path, trajectories) -> None:
 def test_truncated_tar_is_named_and_cli_exits_nonzero(tmp_path: Path, trajectories) -> None:
     out = tmp_path / "t"
     write_dataset(out, trajectories, ShardConfig())
-    victim = out / "wds" / "improving_full_learning" / "improving_full_learning-000000.tar"
+    victim = out / "wds" / "improving_full_learning" / "improving_full_learning-00000-000.tar"
     data = victim.read_bytes()
     victim.write_bytes(data[: len(data) // 3])
     problems = verify(out)
     paths = {p.path for p in problems}
-    assert "wds/improving_full_learning/improving_full_learning-000000.tar" in paths
+    assert "wds/improving_full_learning/improving_full_learning-00000-000.tar" in paths
     assert any("size" in p.message for p in problems)
     assert any("not a readable tar" in p.message or "truncated" in p.message for p in problems)
     proc = subprocess.run(
         [sys.executable, "-m", "pipeline.cli", "verify", str(out)], capture_output=True, text=True, check=False
     )
     assert proc.returncode == 1
-    assert "improving_full_learning-000000.tar" in proc.stderr and "FAILED" in proc.stderr
+    assert "improving_full_learning-00000-000.tar" in proc.stderr and "FAILED" in proc.stderr
 
 
 def test_verify_names_a_record_that_breaks_the_format(tmp_path: Path, trajectories) -> None:
@@ -165,7 +185,7 @@ def test_verify_names_a_record_that_breaks_the_format(tmp_path: Path, trajectori
 
     out = tmp_path / "r"
     write_dataset(out, trajectories[:3], ShardConfig())
-    path = out / "data" / "initial_full_learning" / "train-00000-of-00001.parquet"
+    path = out / "data" / "initial_full_learning" / "train-00000-000.parquet"
     rows = pq.read_table(path).to_pylist()
     turns = json.loads(rows[1]["conversation"])
     turns[-1]["content"][1]["need_loss"] = False
@@ -173,7 +193,7 @@ def test_verify_names_a_record_that_breaks_the_format(tmp_path: Path, trajectori
     pq.write_table(pa.Table.from_pylist(rows, schema=pq.read_schema(path)), path)
     manifest = json.loads((out / "manifest.json").read_text())
     for f in manifest["files"]:
-        if f["path"].endswith("initial_full_learning/train-00000-of-00001.parquet"):
+        if f["path"].endswith("initial_full_learning/train-00000-000.parquet"):
             f["bytes"] = path.stat().st_size
             f["sha256"] = hashlib.sha256(path.read_bytes()).hexdigest()
     (out / "manifest.json").write_text(json.dumps(manifest))
@@ -189,7 +209,7 @@ def test_verify_without_manifest_and_with_foreign_file(tmp_path: Path, trajector
     assert [p.path for p in verify(tmp_path / "nothing")] == ["manifest.json"]
     out = tmp_path / "f"
     write_dataset(out, trajectories[:2], ShardConfig())
-    (out / "data" / "initial_full_learning" / "train-00009-of-00010.parquet").write_bytes(b"x")
+    (out / "data" / "initial_full_learning" / "train-00009-000.parquet").write_bytes(b"x")
     problems = verify(out)
-    assert [p.path for p in problems] == ["data/initial_full_learning/train-00009-of-00010.parquet"]
+    assert [p.path for p in problems] == ["data/initial_full_learning/train-00009-000.parquet"]
     assert "not listed in the manifest" in problems[0].message
