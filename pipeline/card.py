@@ -204,33 +204,8 @@ def card_text(info: dict[str, Any], repo_id: str | None = None, include_wds: boo
     )
 
 
-def _legacy_info(out: Path, counts: dict[str, int], trajectories: int, shard_config: Any, card_info: dict) -> dict:
-    """Facts for the old call `write_card(out, counts, trajectories, shard_config, card_info)` (pipeline/shards.py
-    until the build calls `dataset_info` + `write_card(out, info, include_wds)`)."""
-    return {
-        "counts": dict(counts),
-        "trajectories": trajectories,
-        "shards": shard_config.model_dump(),
-        "config_hash": None,
-        "package_versions": {},
-        "name": card_info.get("title") or out.name,
-        "license": card_info.get("license") or "other",
-        "strategy": card_info.get("strategy") or "unknown",
-        "models": dict(card_info.get("models") or {}),
-        "images": [],
-    }
-
-
-def write_card(out: Path, info: dict[str, Any], include_wds: bool = False, *legacy: Any) -> Path:
-    """Write OUT/README.md atomically: `card_text(info, None, include_wds)`. Returns its path.
-
-    Transitional: the old form `write_card(out, counts, trajectories, shard_config, card_info)` is still accepted
-    (the lead removes it once the build calls the new form)."""
-    out = Path(out)
-    if legacy:
-        shard_config, card_info = legacy
-        info = _legacy_info(out, info, int(include_wds), shard_config, card_info)
-        include_wds = bool(shard_config.webdataset)
-    path = out / CARD_NAME
+def write_card(out: Path, info: dict[str, Any], include_wds: bool = False) -> Path:
+    """Write OUT/README.md atomically: `card_text(info, None, include_wds)`. Returns its path."""
+    path = Path(out) / CARD_NAME
     write_atomic(path, card_text(info, None, include_wds).encode("utf-8"))
     return path

@@ -75,12 +75,14 @@ def publish_command(
         "Hub's dataset upload guide hosts without asking).",
     ),
     yes: bool = typer.Option(False, "--yes", help="Upload even when larger than --max-size."),
+    jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes verifying units in parallel (0: all cores)."),
 ) -> None:
     """Verify OUT, then upload its mode Parquet shards and a Hub dataset card (resumable: rerun to continue).
     Prints the file count and total size first and refuses above --max-size unless --yes. The token comes from
     HF_TOKEN or `hf auth login` and is never printed."""
     from pipeline.lock import OutLocked
     from pipeline.publish import PublishError, PublishRefused, parse_size, publish
+    from pipeline.verify import default_jobs
 
     try:
         max_bytes = parse_size(max_size)
@@ -90,7 +92,7 @@ def publish_command(
         publish(
             out, repo_id, private=private, revision=revision, include_wds=include_wds,
             include_internal=include_internal, license_name=license_name, dry_run=dry_run, stage_dir=stage_dir,
-            decode_images=decode_images, max_size=max_bytes, yes=yes, echo=typer.echo,
+            decode_images=decode_images, max_size=max_bytes, yes=yes, jobs=jobs or default_jobs(), echo=typer.echo,
         )  # fmt: skip
     except PublishRefused as exc:
         for problem in exc.problems[:200]:

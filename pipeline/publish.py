@@ -397,6 +397,7 @@ def publish(
     decode_images: bool = True,
     max_size: int = DEFAULT_MAX_SIZE,
     yes: bool = False,
+    jobs: int = 1,
     echo: Callable[[str], None] = print,
 ) -> PublishPlan:
     """Hold OUT, plan (size line and Hub-limit warnings first), refuse above `max_size` unless `yes` (a dry run only
@@ -404,6 +405,9 @@ def publish(
 
     `stage_dir` keeps the staged folder there (in a dry run too, for inspection, e.g. with `datasets`); otherwise
     a temporary folder next to OUT is used and removed. pipeline.lock.OutLocked when another command holds OUT.
+
+    Verification reuses what `irgl verify` recorded: a unit found clean with the same bytes is re-checked by size
+    and sha256 (in `jobs` processes), not decoded again.
     """
     from pipeline.lock import hold_out
     from pipeline.verify import verify
@@ -431,7 +435,7 @@ def publish(
             if not dry_run:
                 raise PublishTooLarge(too_large)
             echo(f"warning: {too_large} (a dry run goes on)")
-        problems = verify(out, decode_images=decode_images)
+        problems = verify(out, decode_images=decode_images, jobs=jobs, reuse=True)
         if problems:
             raise PublishRefused(out, problems)
         echo(f"{out} verifies: {plan.info['trajectories']:,} trajectories, {len(plan.files)} files to upload")

@@ -29,13 +29,12 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.card import MANIFEST_NAME, dataset_info, write_card
 from pipeline.fsio import fsync_rename, sha256_file, write_atomic
 from schemas.config import ShardConfig
 from schemas.modes import MODE_RECORD_SCHEMA, MODES, ModeOptions, ModeRecord, mode_records
 from schemas.trajectory import Trajectory
 
-MANIFEST_NAME = "manifest.json"
-CARD_NAME = "README.md"
 FORMAT_VERSION = 2  # 2: one set of files per work unit, listed with their unit
 
 
@@ -310,8 +309,6 @@ def finish_dataset(
     `pipeline.card.dataset_info`: name, license, models, strategy); `extra` (deterministic build facts: prompt and
     stage counts) is stored in the manifest under "build".
     """
-    from pipeline.card import dataset_info, write_card
-
     out = Path(out)
     units = sorted(units, key=lambda u: u["unit"])
     order = {(m.name, fmt): i for i, (m, fmt) in enumerate((m, f) for m in MODES for f in ("parquet", "webdataset"))}

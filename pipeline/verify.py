@@ -25,8 +25,8 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.card import MANIFEST_NAME
 from pipeline.fsio import sha256_file, write_atomic
-from pipeline.shards import MANIFEST_NAME
 from schemas.conversation import conversation_to_json
 from schemas.modes import MODE_RECORD_SCHEMA, MODES, ModeOptions, RecordError, check_record, refs_to_base64
 
