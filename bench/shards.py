@@ -12,18 +12,23 @@ from __future__ import annotations
 
 import argparse
 import shutil
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-import webdataset as wds
+# Run as `python bench/shards.py`, this folder comes first on sys.path, where bench/pipeline.py would shadow the
+# package: take the folder off the path.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
 
-from pipeline.shards import ParquetShardWriter, WebDatasetShardWriter, wds_sample_json, write_dataset
-from pipeline.synthetic import synthetic_trajectories
-from schemas.config import ShardConfig
-from schemas.modes import MODE_RECORD_SCHEMA, MODES, mode_records
+import pyarrow as pa  # noqa: E402
+import pyarrow.parquet as pq  # noqa: E402
+import webdataset as wds  # noqa: E402
+
+from pipeline.shards import ParquetShardWriter, WebDatasetShardWriter, wds_sample_json, write_dataset  # noqa: E402
+from pipeline.synthetic import synthetic_trajectories  # noqa: E402
+from schemas.config import ShardConfig  # noqa: E402
+from schemas.modes import MODE_RECORD_SCHEMA, MODES, mode_records  # noqa: E402
 
 
 def dir_bytes(path: Path) -> int:
@@ -32,7 +37,7 @@ def dir_bytes(path: Path) -> int:
 
 def ours_parquet(records, out: Path, cfg: ShardConfig) -> None:
     for m in MODES:
-        w = ParquetShardWriter(out / m.name, cfg)
+        w = ParquetShardWriter(out / m.name, "train-00000", cfg)
         for r in records[m.name]:
             w.write(r.to_row())
         w.close()
@@ -48,7 +53,7 @@ def raw_parquet(records, out: Path, cfg: ShardConfig) -> None:
 
 def ours_wds(records, out: Path, cfg: ShardConfig) -> None:
     for m in MODES:
-        w = WebDatasetShardWriter(out / m.name, m.name, cfg)
+        w = WebDatasetShardWriter(out / m.name, f"{m.name}-00000", cfg)
         for r in records[m.name]:
             w.write(r)
         w.close()

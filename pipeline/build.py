@@ -554,9 +554,11 @@ def derive_unit_shards(out: str, unit: int, shard_config: dict[str, Any]) -> dic
     from pipeline.shards import write_unit_shards
     from schemas.config import ShardConfig
 
+    cpu = time.process_time()
     root = Path(out)
     result = write_unit_shards(root, unit, iter_unit_trajectories(root, unit), ShardConfig(**shard_config))
     result["mtimes"] = {f["path"]: (root / f["path"]).stat().st_mtime_ns for f in result["files"]}
+    result["cpu_seconds"] = round(time.process_time() - cpu, 3)  # for bench/scale.py's accounting
     return result
 
 
@@ -872,6 +874,7 @@ def _land_unit(
 ) -> None:
     """Write a unit whose rows all came out of the stages (merged with its earlier run's rows when only its failed
     rows were retried): trajectories, rejects, marker."""
+    cpu = time.thread_time()  # this thread's: the driver process also runs Ray's threads
     kept, rejects = read_unit(out, unit) if unit in markers else ({}, {})
     for rid, r in done.items():
         rejects.pop(rid, None)  # a retried row replaces its earlier failure
@@ -882,6 +885,7 @@ def _land_unit(
         for stage, sec in json.loads(r["timings"] or "{}").items():
             stage_seconds[stage] += sec
     markers[unit] = write_unit(out, unit, ids, kept, rejects, gen_hash)  # source order: deterministic files
+    markers[unit]["cpu_seconds"] = round(time.thread_time() - cpu, 3)  # the driver's share (bench/scale.py)
 
 
 def prebuild_tiny_models(cfg: BuildConfig) -> None:

@@ -87,3 +87,99 @@ def synthetic_trajectory(index: int, seed: int = 0, size: int = 64, fmt: str = "
 
 def synthetic_trajectories(n: int, seed: int = 0, size: int = 64, fmt: str = "png") -> list[Trajectory]:
     return [synthetic_trajectory(i, seed=seed, size=size, fmt=fmt) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Engine-free stages: the real build driver, Ray Data, writers and verify around instant "models"
+# (bench/scale.py). Each writes what its real stage writes, deterministically from the row's seed.
+
+
+def _noisy(data: bytes, seed: int, amplitude: int) -> bytes:
+    """Add fixed-seed noise and re-encode as JPEG q95: flat drawings compress to ~30 KB at 1024 px, real images
+    to a few hundred KB (amplitude 8 gives ~320 KB), and the byte count drives most post-processing costs."""
+    import numpy as np
+    from PIL import Image
+
+    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+    noise = np.random.default_rng(seed).integers(-amplitude, amplitude + 1, img.shape, dtype=np.int16)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
+
+
+def _scene(seed: int) -> tuple[str, str, int]:
+    rng = random.Random(seed)
+    return rng.choice(COLOURS), rng.choice(SHAPES), rng.randint(2, 4)
+
+
+def _synthetic_stage(stage_name: str) -> type:
+    from stages.base import Stage
+
+    class SyntheticStage(Stage):
+        name = stage_name
+        model_name = "synthetic"  # recorded in the rows' `models`, as a real stage records its model
+
+        def __init__(self, size: int = 1024, noise: int = 8, fault_rate: float = 0.0) -> None:
+            super().__init__(fault_rate)
+            self.size, self.noise = size, noise
+
+        def process(self, batch: dict, rows: list[int]) -> list:
+            return [self.make(int(batch["seed"][i]), batch["prompt"][i]) for i in rows]
+
+        def make(self, seed: int, prompt: str) -> object:
+            colour, shape, count = _scene(seed)
+            if self.name == "think":
+                return f"<think>\nDraw {count} {colour} {shape}s for: {prompt}. Even spacing, soft light.\n</think>"
+            if self.name == "reflect":
+                return (
+                    f"<think>\nThe image shows {count - 1} {shape}s, one too few.\n{HEADINGS[0]}\nAdd one {shape}.\n"
+                    f"{HEADINGS[1]}\n1. Keep the {colour} colour. 2. Space them evenly.\n{HEADINGS[2]}\n"
+                    f"{count} {colour} {shape}s evenly spaced on grey.\n</think>"
+                )
+            if self.name in ("draw_initial", "draw_refined"):
+                n = count - 1 if self.name == "draw_initial" else count
+                flat = draw(colour, shape, n, self.size, jitter=3 if n < count else 0, fmt="jpeg")
+                return _noisy(flat, seed + len(self.name), self.noise) if self.noise else flat
+            return (0.21, 0.27, 0.9)  # score: I2 better than I1
+
+        def store(self, batch: dict, i: int, result: object) -> None:
+            if self.name == "think":
+                batch["t1"][i] = result
+            elif self.name == "reflect":
+                batch["t2"][i] = result
+                batch["final_prompt"][i] = result.split(HEADINGS[2])[1].split("</think>")[0].strip()
+            elif self.name == "draw_initial":
+                batch["i1"][i] = result
+            elif self.name == "draw_refined":
+                batch["i2"][i] = result
+            else:
+                batch["clip_i1"][i], batch["clip_i2"][i], batch["clip_i1_i2"][i] = result
+                batch["verdict"][i], batch["verdict_reason"][i] = "accept", "synthetic"
+
+    SyntheticStage.__name__ = SyntheticStage.__qualname__ = f"Synthetic_{stage_name}"
+    return SyntheticStage
+
+
+def synthetic_graph(cfg: object, size: int = 1024, noise: int = 8, draw_cpus: float = 0.5) -> list:
+    """The forward stage graph of `cfg` with every model stage replaced by an instant synthetic one (the real
+    assemble stage stays); for `pipeline.build.build(..., graph=...)`. The draw stages run as Ray actors with
+    `draw_cpus` CPUs each (drawing and JPEG-encoding 1024 px images is the one real cost here)."""
+    import dataclasses
+
+    from pipeline.build import stage_graph
+    from schemas.config import ResourceConfig
+
+    specs = []
+    for spec in stage_graph(cfg):
+        if spec.name == "assemble":
+            specs.append(spec)
+            continue
+        drawing = spec.name.startswith("draw")
+        resources = ResourceConfig(replicas=1, num_cpus=draw_cpus, batch_size=16) if drawing else None
+        specs.append(dataclasses.replace(spec, cls=_SYNTHETIC[spec.name], kwargs={"size": size, "noise": noise},
+                                         resources=resources))  # fmt: skip
+    return specs
+
+
+_SYNTHETIC = {name: _synthetic_stage(name) for name in ("think", "draw_initial", "reflect", "draw_refined", "score")}
+globals().update({cls.__name__: cls for cls in _SYNTHETIC.values()})  # importable by name in Ray workers
