@@ -70,6 +70,46 @@ def _prompt_file(n: int) -> Path:
     return path
 
 
+def _anonymous_mb() -> float:
+    """This process's anonymous memory (heap, arrays, Python objects): RSS less file-backed and shared-memory
+    pages - Ray's object store is a shared-memory file whose pages count in the RSS of every process that reads a
+    block, and even in USS while only one process maps them."""
+    for line in Path("/proc/self/smaps_rollup").read_text().splitlines():
+        if line.startswith("Anonymous:"):
+            return int(line.split()[1]) / 1024
+    return 0.0
+
+
+class _MemorySampler:
+    """Peak RSS, USS and anonymous memory of this process, sampled every 0.5 s in a thread."""
+
+    def __init__(self) -> None:
+        import threading
+
+        import psutil
+
+        self.proc = psutil.Process()
+        self.peak = {"sampled_rss_mb": 0.0, "peak_uss_mb": 0.0, "shared_at_peak_rss_mb": 0.0, "peak_anon_mb": 0.0}
+        self.running = True
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while self.running:
+            info = self.proc.memory_full_info()
+            if info.rss / 2**20 > self.peak["sampled_rss_mb"]:
+                self.peak["sampled_rss_mb"] = info.rss / 2**20
+                self.peak["shared_at_peak_rss_mb"] = info.shared / 2**20
+            self.peak["peak_uss_mb"] = max(self.peak["peak_uss_mb"], info.uss / 2**20)
+            self.peak["peak_anon_mb"] = max(self.peak["peak_anon_mb"], _anonymous_mb())
+            time.sleep(0.5)
+
+    def stop(self) -> dict[str, float]:
+        self.running = False
+        self.thread.join()
+        return self.peak
+
+
 def child(args: argparse.Namespace) -> None:
     """One build (or rerun) in this process; prints one JSON line of measurements."""
     from pipeline.build import build
@@ -77,6 +117,7 @@ def child(args: argparse.Namespace) -> None:
 
     cfg = _config(args.n, args.unit_size, args.writers)
     out = Path(args.out)
+    memory = _MemorySampler()
     started = time.perf_counter()
     result = build(cfg, out, executor="ray", address="local", graph=synthetic_graph(cfg, noise=args.noise),
                    log_dir=out.parent / f"{out.name}-logs")  # fmt: skip
@@ -90,7 +131,9 @@ def child(args: argparse.Namespace) -> None:
         "tail_to_manifest": (out / "manifest.json").stat().st_mtime - last_marker,
         "tail_to_end": ended - last_marker,
         "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-        "driver_cpu": sum(m.get("cpu_seconds", 0.0) for m in markers),
+        **memory.stop(),
+        "driver_cpu": time.process_time(),  # all of this process (Ray's threads included)
+        "unit_cpu": sum(m.get("cpu_seconds", 0.0) for m in markers),
         "writer_cpu": sum((m.get("shards") or {}).get("cpu_seconds", 0.0) for m in markers),
         "bytes": sum(p.stat().st_size for p in out.rglob("*") if p.is_file()),
         "shard_bytes": sum(p.stat().st_size for d in ("data", "wds") for p in (out / d).rglob("*") if p.is_file()),

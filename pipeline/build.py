@@ -147,8 +147,8 @@ def batch_to_rows(batch: Batch) -> list[dict[str, Any]]:
 
 def run_sequential(
     specs: list[StageSpec], rows: list[dict[str, Any]], stages: list[Stage] | None = None
-) -> Iterator[dict[str, Any]]:
-    """All stages in this process, one after the other. Yields rows in input order.
+) -> Iterator[pa.Table]:
+    """All stages in this process, one after the other. Yields each unit's finished rows as a table, in order.
 
     Batches are formed as on Ray Data: each unit on its own, cut into chunks of each stage's `batch_size`, so both
     executors hand every engine the same batches (batch composition can change float results in the last bit).
@@ -173,7 +173,7 @@ def run_sequential(
                     raise RuntimeError(f"stage {stage.name} changed the batch length")
                 out_rows.extend(batch_to_rows(batch))
             unit_rows = out_rows
-        yield from unit_rows
+        yield pa.Table.from_pylist(unit_rows, schema=WORK_SCHEMA)
 
 
 class _StageActor:
@@ -341,9 +341,10 @@ def init_ray(cfg: BuildConfig, address: str | None = None) -> None:
         log.info("Ray: %s, %s", where, ray.cluster_resources())
 
 
-def run_ray(cfg: BuildConfig, specs: list[StageSpec], rows: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+def run_ray(cfg: BuildConfig, specs: list[StageSpec], rows: list[dict[str, Any]]) -> Iterator[pa.Table]:
     """Stream rows through the stages on Ray Data. Model stages are fixed-size actor pools (engines start once per
-    actor); cheap stages run in one light actor. Yields finished rows as they arrive (order not guaranteed)."""
+    actor); cheap stages run in one light actor. Yields batches of finished rows as they arrive (rows of any
+    units, in any order)."""
     import ray.data
 
     ctx = ray.data.DataContext.get_current()
@@ -360,8 +361,7 @@ def run_ray(cfg: BuildConfig, specs: list[StageSpec], rows: list[dict[str, Any]]
         # so they go through **ray_remote_args, which it flags as deprecated on every call.
         warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated")
         ds = _stage_pipeline(cfg, specs, ds, env)
-    for batch in ds.iter_batches(batch_format="pyarrow", batch_size=None):
-        yield from batch.to_pylist()
+    yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
 
 
 def _stage_pipeline(cfg: BuildConfig, specs: list[StageSpec], ds: Any, env: dict[str, str]) -> Any:
@@ -532,13 +532,6 @@ def read_marker(out: Path, unit: int, gen_hash: str, ids: list[str]) -> dict[str
     return marker
 
 
-def unit_shards_done(out: Path, marker: dict[str, Any], shards: dict[str, Any]) -> dict[str, Any]:
-    """Record a unit's written shards (`write_unit_shards`' result, with `mtimes`) in its marker."""
-    marker = {**marker, "shards": shards}
-    _write_marker(out, marker)
-    return marker
-
-
 def shards_current(out: Path, marker: dict[str, Any], shard_hash: str) -> bool:
     """Whether the marker's unit has its shards, written with this shard config and unchanged since."""
     shards = marker.get("shards")
@@ -548,37 +541,124 @@ def shards_current(out: Path, marker: dict[str, Any], shard_hash: str) -> bool:
     return all(_file_ok(out / f["path"], f["bytes"], f["sha256"], mtimes.get(f["path"])) for f in shards["files"])
 
 
-def derive_unit_shards(out: str, unit: int, shard_config: dict[str, Any]) -> dict[str, Any]:
-    """Read a finished unit's trajectories and write its six modes' shards (runs in a shard-writer process).
-    Returns `write_unit_shards`' result plus the files' modification times (for the marker, not the manifest)."""
+def _write_shards(root: Path, unit: int, marker: dict[str, Any], shard_config: dict[str, Any]) -> dict[str, Any]:
+    """Write a unit's six modes' shards from its trajectory file; record them in its marker (returned)."""
     from pipeline.shards import write_unit_shards
     from schemas.config import ShardConfig
 
     cpu = time.process_time()
-    root = Path(out)
-    result = write_unit_shards(root, unit, iter_unit_trajectories(root, unit), ShardConfig(**shard_config))
-    result["mtimes"] = {f["path"]: (root / f["path"]).stat().st_mtime_ns for f in result["files"]}
-    result["cpu_seconds"] = round(time.process_time() - cpu, 3)  # for bench/scale.py's accounting
-    return result
+    shards = write_unit_shards(root, unit, iter_unit_trajectories(root, unit), ShardConfig(**shard_config))
+    shards["mtimes"] = {f["path"]: (root / f["path"]).stat().st_mtime_ns for f in shards["files"]}
+    shards["cpu_seconds"] = round(time.process_time() - cpu, 3)  # for bench/scale.py's accounting
+    marker = {**marker, "shards": shards}
+    _write_marker(root, marker)
+    return marker
 
 
-class ShardWriters:
-    """Writes finished units' shards in `jobs` processes of this machine while the stages go on (0: in this
-    process, at once). `submit(unit)` queues a unit; `done(wait)` yields (unit, result) as they finish. A writer
-    that fails raises here: the unit keeps its marker without shards and the next run writes them.
+def land_unit(
+    out: str, unit: int, ids: list[str], gen_hash: str, secrets: list[str], retry: bool, shard_config: dict[str, Any]
+) -> dict[str, Any]:
+    """A unit whose rows all came out of the stages (spooled): its trajectories, rejects and marker, then its
+    shards and the marker again. Runs in a unit-writer process (or the driver with `shard_writers: 0`).
+
+    With `retry` only the unit's failed rows ran again: they are merged into its earlier trajectories and rejects.
+    Returns the final marker and the stage-seconds of the rows that ran.
     """
+    cpu = time.process_time()
+    root = Path(out)
+    rows = take_spool(root, unit)
+    kept, rejects = read_unit(root, unit) if retry else ({}, {})
+    seconds: Counter = Counter()
+    for rid, r in rows.items():
+        rejects.pop(rid, None)  # a retried row replaces its earlier failure
+        if r["status"] == OK:
+            kept[rid] = row_to_trajectory(r)
+        else:
+            rejects[rid] = redact_obj(reject_record(r), secrets)  # error texts may quote a secret
+        for stage, sec in json.loads(r["timings"] or "{}").items():
+            seconds[stage] += sec
+    del rows
+    marker = write_unit(root, unit, ids, kept, rejects, gen_hash)  # source order: deterministic files
+    del kept, rejects
+    marker["cpu_seconds"] = round(time.process_time() - cpu, 3)  # the unit files' share (bench/scale.py)
+    return {"marker": _write_shards(root, unit, marker, shard_config), "stage_seconds": dict(seconds)}
 
-    def __init__(self, out: Path, shard_config: Any, jobs: int) -> None:
-        self.out = str(out)
-        self.config = shard_config.model_dump()
+
+def reshard_unit(out: str, unit: int, shard_config: dict[str, Any]) -> dict[str, Any]:
+    """A finished unit's shards written again from its trajectories (missing, changed, another shard config)."""
+    root = Path(out)
+    marker = json.loads((root / STATE_DIR / "units" / f"{unit_name(unit)}.json").read_text())
+    return {"marker": _write_shards(root, unit, marker, shard_config), "stage_seconds": {}}
+
+
+class Spool:
+    """Finished rows on their way to a complete unit, on disk under OUT/state/spool/: the driver holds one batch
+    of the stage stream at a time, never a whole unit's images, however many units are open (with
+    `preserve_order: false` rows of many units arrive interleaved). The unit writer reads the unit back
+    (`take_spool`). Scratch: emptied when a build starts; a killed build's open units are redone."""
+
+    def __init__(self, root: Path) -> None:
+        import shutil
+
+        shutil.rmtree(root, ignore_errors=True)
+        self.root = root
+        self.ids: dict[int, set[str]] = defaultdict(set)  # unit -> ids arrived
+        self.parts: dict[int, int] = defaultdict(int)  # unit -> spool files written
+
+    @property
+    def open_units(self) -> int:
+        return len(self.ids)
+
+    def add(self, table: pa.Table, expected: dict[int, int]) -> list[int]:
+        """Spool a batch; return the units it completed (forgotten here: their rows are the writer's now)."""
+        import pyarrow.compute as pc
+
+        done = []
+        units = table.column("unit")
+        present = sorted(set(units.to_pylist()))
+        for unit in present:
+            # Zero-copy when the batch is one unit (the usual case: the last stage takes whole units).
+            part = table if len(present) == 1 else table.filter(pc.equal(units, unit))
+            seen = self.ids[unit]
+            for rid in part.column("id").to_pylist():
+                if rid in seen:
+                    raise BuildError(f"row {rid} came out of the stages twice")
+                seen.add(rid)
+            path = self.root / unit_name(unit) / f"{self.parts[unit]:06d}.parquet"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            pq.write_table(part, path, compression="none")  # scratch: no fsync, no compression
+            self.parts[unit] += 1
+            if len(seen) == expected[unit]:
+                done.append(unit)
+                del self.ids[unit], self.parts[unit]
+        return done
+
+
+def take_spool(root: Path, unit: int) -> dict[str, dict[str, Any]]:
+    """A complete unit's spooled rows by id; its spool files are removed."""
+    import shutil
+
+    folder = root / STATE_DIR / "spool" / unit_name(unit)
+    rows = {r["id"]: r for r in pq.read_table(folder, schema=WORK_SCHEMA).to_pylist()}
+    shutil.rmtree(folder)
+    return rows
+
+
+class UnitWriters:
+    """Lands finished units (`land_unit`) and rewrites stale shards (`reshard_unit`) in `jobs` processes of this
+    machine while the stages go on (0: in this process, at once). `submit(fn, unit, *args)` queues a job;
+    `done(wait)` yields (unit, result) as jobs finish. A job that fails raises here: a unit without a marker is
+    redone by the next run, one with a marker but no shards gets them written."""
+
+    def __init__(self, jobs: int) -> None:
         self.jobs = jobs
         self.pool: Any = None
         self.pending: dict[Any, int] = {}  # future -> unit
         self.ready: list[tuple[int, dict[str, Any]]] = []  # in-process results not yet handed out
 
-    def submit(self, unit: int) -> None:
+    def submit(self, fn: Any, unit: int, *args: Any) -> None:
         if self.jobs == 0:
-            self.ready.append((unit, derive_unit_shards(self.out, unit, self.config)))
+            self.ready.append((unit, fn(*args)))
             return
         if self.pool is None:
             import multiprocessing
@@ -586,7 +666,7 @@ class ShardWriters:
 
             # spawn: the driver holds threads (Ray, vLLM in the local executor) that fork would copy half-way.
             self.pool = ProcessPoolExecutor(self.jobs, mp_context=multiprocessing.get_context("spawn"))
-        self.pending[self.pool.submit(derive_unit_shards, self.out, unit, self.config)] = unit
+        self.pending[self.pool.submit(fn, *args)] = unit
 
     def done(self, wait: bool = False) -> Iterator[tuple[int, dict[str, Any]]]:
         from concurrent.futures import FIRST_COMPLETED
@@ -604,8 +684,8 @@ class ShardWriters:
                     yield unit, future.result()
                 except Exception as exc:
                     raise BuildError(
-                        f"writing the shards of unit {unit} failed: {type(exc).__name__}: {exc}; its trajectories "
-                        "are kept, a rerun writes them"
+                        f"writing unit {unit} failed: {type(exc).__name__}: {exc}; finished units are kept, rerun "
+                        "the same command to finish it"
                     ) from exc
 
     def close(self) -> None:
@@ -762,7 +842,6 @@ def _build(
         if retry:
             todo.extend(r for r in unit_rows if r["id"] in retry)
             expected[unit] = len(retry)
-    del prompts
     skipped = len(markers) - sum(1 for u in expected if u in markers)
     log.info(
         "%d prompts in %d units: %d units done, %d to run, %d failed rows to retry",
@@ -790,39 +869,41 @@ def _build(
         progress.start(len(expected))
 
     shard_hash = config_hash(cfg.shards.model_dump())
-    writers = ShardWriters(out, cfg.shards, cfg.shard_writers)
+    shard_config = cfg.shards.model_dump()
+    writers = UnitWriters(cfg.shard_writers)
     stage_seconds: Counter = Counter()  # stage -> seconds, over the rows finished in this run
 
     def landed(wait: bool = False) -> None:
-        """Record the units whose shards are written; report those that ran in this run."""
-        for unit, shards in writers.done(wait):
-            markers[unit] = unit_shards_done(out, markers[unit], shards)
+        """Take in the units the writers finished; report those that ran in this run."""
+        for unit, result in writers.done(wait):
+            markers[unit] = result["marker"]
+            stage_seconds.update(result["stage_seconds"])
             if progress and unit in expected:
                 progress(unit, markers[unit])
 
     try:
         # Finished units without current shards (killed while writing them, another shard config): no GPU work.
-        for unit in sorted(u for u in markers if u not in expected):
-            if not shards_current(out, markers[unit], shard_hash):
-                writers.submit(unit)
+        rewrite = [u for u in sorted(markers) if u not in expected and not shards_current(out, markers[u], shard_hash)]
+        if rewrite:
+            log.warning(
+                "%d finished units get their shards written again from their trajectories (files missing or changed, "
+                "or another `shards:` config); no stage runs for them", len(rewrite),
+            )  # fmt: skip
+        for unit in rewrite:
+            writers.submit(reshard_unit, unit, str(out), unit, shard_config)
         if todo and executor == "ray":
             init_ray(cfg, address)
         if todo:
             stream = run_ray(cfg, specs, todo) if executor == "ray" else run_sequential(specs, todo, stages)
-            del todo
-            pending: dict[int, dict[str, dict[str, Any]]] = defaultdict(dict)
-            for row in stream:
-                unit = row["unit"]
-                if row["id"] in pending[unit]:
-                    raise BuildError(f"row {row['id']} came out of the stages twice")
-                pending[unit][row["id"]] = row
-                if len(pending[unit]) == expected[unit]:
-                    _land_unit(out, unit, pending.pop(unit), unit_ids[unit], markers, gen_hash, secrets,
-                               stage_seconds)  # fmt: skip
-                    writers.submit(unit)
+            spool = Spool(out / STATE_DIR / "spool")
+            for table in stream:
+                for unit in spool.add(table, expected):
+                    writers.submit(land_unit, unit, str(out), unit, unit_ids[unit], gen_hash, secrets,
+                                   unit in markers, shard_config)  # fmt: skip
+                del table
                 landed()
-            if pending:
-                raise BuildError(f"the stage stream ended with {len(pending)} unfinished units: rows were lost")
+            if spool.open_units:
+                raise BuildError(f"the stage stream ended with {spool.open_units} unfinished units: rows were lost")
         landed(wait=True)
     finally:
         writers.close()
@@ -860,32 +941,6 @@ def _build(
         wall_seconds=time.perf_counter() - started,
         stage_seconds=dict(stage_seconds),
     )
-
-
-def _land_unit(
-    out: Path,
-    unit: int,
-    done: dict[str, dict[str, Any]],
-    ids: list[str],
-    markers: dict[int, dict[str, Any]],
-    gen_hash: str,
-    secrets: list[str],
-    stage_seconds: Counter,
-) -> None:
-    """Write a unit whose rows all came out of the stages (merged with its earlier run's rows when only its failed
-    rows were retried): trajectories, rejects, marker."""
-    cpu = time.thread_time()  # this thread's: the driver process also runs Ray's threads
-    kept, rejects = read_unit(out, unit) if unit in markers else ({}, {})
-    for rid, r in done.items():
-        rejects.pop(rid, None)  # a retried row replaces its earlier failure
-        if r["status"] == OK:
-            kept[rid] = row_to_trajectory(r)
-        else:
-            rejects[rid] = redact_obj(reject_record(r), secrets)  # error texts may quote a secret
-        for stage, sec in json.loads(r["timings"] or "{}").items():
-            stage_seconds[stage] += sec
-    markers[unit] = write_unit(out, unit, ids, kept, rejects, gen_hash)  # source order: deterministic files
-    markers[unit]["cpu_seconds"] = round(time.thread_time() - cpu, 3)  # the driver's share (bench/scale.py)
 
 
 def prebuild_tiny_models(cfg: BuildConfig) -> None:
