@@ -53,6 +53,7 @@ bench: install
 	$(PY) bench/text_stage.py
 	$(PY) bench/trainer.py
 	$(PY) bench/score.py
+	$(PY) bench/scale.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
