@@ -27,9 +27,8 @@ def trajectories():
     return synthetic_trajectories(N, seed=7)
 
 
-@pytest.fixture(scope="module")
-def built(tmp_path_factory, trajectories) -> Path:
-    out = tmp_path_factory.mktemp("built")
+def _write_reference(out: Path, trajectories) -> None:
+    """12 trajectories in units of 6, parts of at most 5 records, row groups of 4."""
     write_dataset(
         out,
         trajectories,
@@ -38,6 +37,12 @@ def built(tmp_path_factory, trajectories) -> Path:
         build_config={"k": 1},
         card_info={"name": "tiny"},  # the card's title; by default the folder's name
     )
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory, trajectories) -> Path:
+    out = tmp_path_factory.mktemp("built")
+    _write_reference(out, trajectories)
     return out
 
 
@@ -110,14 +115,7 @@ def test_webdataset_sample_converts_back_to_the_parquet_conversation(built: Path
 
 def test_two_writes_are_byte_identical(tmp_path: Path, trajectories, built: Path) -> None:
     out = tmp_path / "again"
-    write_dataset(
-        out,
-        trajectories,
-        ShardConfig(rows_per_group=4, max_rows_per_shard=5),
-        unit_size=6,
-        build_config={"k": 1},
-        card_info={"name": "tiny"},  # the card's title; by default the folder's name
-    )
+    _write_reference(out, trajectories)
     a = {p.relative_to(built).as_posix(): p.read_bytes() for p in built.rglob("*") if p.is_file()}
     b = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
     assert a.keys() == b.keys() and len(a) == 6 * 4 * 2 + 2
