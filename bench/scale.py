@@ -11,10 +11,11 @@ the manifest and card, and the report. For each size, in a child process of its 
   build (the report included); goal <= 30 s at every size, flat;
 - rerun: seconds of the rerun's `build()`, and of the whole command (interpreter and imports included); goal
   <= 10 s at 10,000;
-- driver peak RSS (the build's own process; Ray's workers and the shard writers are other processes); goal: flat
-  between the sizes (within 20%);
-- post-processing CPU per trajectory: the driver's unit files (trajectories, rejects, marker) and the shard
-  writers' six modes (Parquet + WebDataset), summed from the unit markers.
+- driver peak memory (the build's own process; Ray's workers and the unit writers are other processes): RSS,
+  USS and anonymous memory, sampled; goal: flat between the sizes (within 20%). RSS and USS include the pages of
+  Ray's shared-memory object store that the driver has read blocks from; anonymous memory is the driver's own;
+- post-processing CPU per trajectory: the unit writers' (trajectories, rejects and marker, then the six modes'
+  Parquet + WebDataset), summed from the unit markers; and the driver process's CPU (Ray's threads included).
 
 Then, on the smallest size: `irgl verify` (images decoded) with 1 and with 2 processes, each timed in full; the
 process pool's start-up (spawning 2 interpreters that import the verifier) is measured apart. Goal >= 1.8x.
@@ -223,61 +224,58 @@ def _verify_bench(out: Path, n: int) -> dict:
 
 
 def _report(rows: list, v: dict | None, args: argparse.Namespace) -> None:
-    print("\nsize    build s  tail->manifest s  tail->end s  rerun build() s  rerun cmd s  driver RSS MB  "
-          "post CPU ms/traj (driver + writers)  MB/traj")  # fmt: skip
+    print("\nsize    build s  tail->manifest s  tail->end s  rerun build() s  rerun cmd s  driver MB: RSS / USS / "
+          "anonymous   unit writers' CPU ms/traj (unit files + shards)  MB/traj")  # fmt: skip
     for _, first, wall, rerun, rerun_wall in rows:
         n = first["trajectories"]
-        per = (first["driver_cpu"] + first["writer_cpu"]) / n * 1000
+        per = (first["unit_cpu"] + first["writer_cpu"]) / n * 1000
         print(
             f"{n:<7d} {wall:7.0f}  {first['tail_to_manifest']:16.1f}  {first['tail_to_end']:11.1f}  "
-            f"{rerun['build_seconds']:15.1f}  {rerun_wall:11.1f}  {first['peak_rss_mb']:12.0f}  "
-            f"{per:8.1f} ({first['driver_cpu'] / n * 1000:.1f} + {first['writer_cpu'] / n * 1000:.1f})"
-            f"{'':19s}{first['bytes'] / n / 1e6:6.2f}"
+            f"{rerun['build_seconds']:15.1f}  {rerun_wall:11.1f}  {first['peak_rss_mb']:9.0f} / "
+            f"{first['peak_uss_mb']:4.0f} / {first['peak_anon_mb']:4.0f}      {per:8.1f} "
+            f"({first['unit_cpu'] / n * 1000:.1f} + {first['writer_cpu'] / n * 1000:.1f}){'':26s}"
+            f"{first['bytes'] / n / 1e6:6.2f}"
         )
     small, large = rows[0], rows[-1]
     rss_ratio = large[1]["peak_rss_mb"] / small[1]["peak_rss_mb"]
+    anon_ratio = large[1]["peak_anon_mb"] / small[1]["peak_anon_mb"]
     tails = [r[1]["tail_to_end"] for r in rows]
     print(f"\ntail (last marker -> end of build): max {max(tails):.1f} s (goal <= 30 s, flat)")
     print(f"rerun with nothing to do at {large[0]}: {large[3]['build_seconds']:.1f} s in build(), "
           f"{large[4]:.1f} s for the whole command (goal <= 10 s)")  # fmt: skip
-    print(f"driver peak RSS {large[0]} / {small[0]}: {rss_ratio:.2f}x (goal <= 1.20x)")
+    print(f"driver peak memory {large[0]} / {small[0]}: anonymous {anon_ratio:.2f}x, RSS {rss_ratio:.2f}x (goal <= "
+          "1.20x; RSS includes the pages of Ray's shared object store that the driver read blocks from)")  # fmt: skip
     if v:
         print(f"verify of {v['n']} (images decoded): 1 process {v['t1']:.1f} s, 2 processes {v['t2']:.1f} s -> "
               f"{v['t1'] / v['t2']:.2f}x (goal >= 1.8x); pool start-up {v['start1']:.1f} s (1) / "
               f"{v['start2']:.1f} s (2), part of both totals")  # fmt: skip
 
-    # Extrapolation to 300K on a 32-core head node, unit size 256, 8 shard writers (the production preset).
+    # Extrapolation to 300K on a 32-core head node, unit size 256, 8 unit writers (the production preset).
     target, cores, unit, writers = 300_000, 32, 256, 8
     first = large[1]
     n = first["trajectories"]
-    writer_cpu = first["writer_cpu"] / n
+    writer_cpu = (first["writer_cpu"] + first["unit_cpu"]) / n
     driver_cpu = first["driver_cpu"] / n
     units_small, units_large = -(-small[0] // args.unit_size), -(-large[0] // args.unit_size)
     slope = (large[1]["tail_to_end"] - small[1]["tail_to_end"]) / max(units_large - units_small, 1)
     tail_300k = large[1]["tail_to_end"] + max(slope, 0.0) * (-(-target // unit) - units_large)
     last_unit = unit * writer_cpu
     print(f"\nextrapolation to {target:,} trajectories ({first['bytes'] / n / 1e6:.1f} MB written per trajectory "
-          f"here; unit size {unit}, {writers} shard writers, {cores}-core head node):")  # fmt: skip
-    print(
-        f"  during the build: the driver spends {driver_cpu * 1000:.1f} ms and the writers "
-        f"{writer_cpu * 1000:.1f} ms of CPU per trajectory; {writers} writers keep up with "
-        f"{writers / writer_cpu * 3600:,.0f} trajectories/hour (the production plan makes ~34,000/hour)"
-    )
-    print(
-        f"  after the last GPU stage: the last unit's shards {last_unit:.0f} s + the tail {tail_300k:.0f} s "
-        f"(measured tail + {max(slope, 0.0):.2f} s per extra unit)"
-    )
+          f"here; unit size {unit}, {writers} unit writers, {cores}-core head node):")  # fmt: skip
+    print(f"  during the build: the driver process spends {driver_cpu * 1000:.1f} ms (Ray's threads included) and "
+          f"the unit writers {writer_cpu * 1000:.1f} ms of CPU per trajectory; {writers} writers keep up with "
+          f"{writers / writer_cpu * 3600:,.0f} trajectories/hour (the production plan makes ~34,000/hour)")  # fmt: skip
+    print(f"  after the last GPU stage: the last unit {last_unit:.0f} s + the tail {tail_300k:.0f} s "
+          f"(measured tail + {max(slope, 0.0):.2f} s per extra unit)")  # fmt: skip
     total = last_unit + tail_300k
     if v:
         per_traj = v["t1"] / v["n"]
         eff = v["t1"] / v["t2"] / 2
         verify_300k = per_traj * target / (cores * eff)
         total += verify_300k
-        print(
-            f"  irgl verify --jobs {cores}: {per_traj * 1000:.0f} ms per trajectory in one process, "
-            f"{eff:.0%} parallel efficiency at 2 -> {verify_300k / 60:.0f} min"
-        )
-    print(f"  total after the last GPU stage: {total / 60:.0f} min (goal <= 60 min)")
+        print(f"  irgl verify --jobs {cores}: {per_traj * 1000:.0f} ms per trajectory in one process, "
+              f"{eff:.0%} parallel efficiency at 2 -> {verify_300k / 60:.0f} min")  # fmt: skip
+    print(f"  total after the last GPU stage (verify included): {total / 60:.0f} min (goal <= 60 min)")
 
 
 if __name__ == "__main__":
