@@ -112,7 +112,8 @@ def _janus_module_class() -> type:
             embeds = inner.get_input_embeddings()(input_ids)[0]
             image_labels = torch.full_like(input_ids[0], -100)
             if b["vit_positions"].numel():
-                feats = self.encode_understanding(b["vit_pixels"].to(embeds.dtype))
+                # Under autocast the encoder's output is bf16 while the embedding lookup stays float32.
+                feats = self.encode_understanding(b["vit_pixels"].to(embeds.dtype)).to(embeds.dtype)
                 embeds = embeds.index_put((b["vit_positions"].reshape(-1),), feats.reshape(-1, embeds.shape[-1]))
             if b["gen_positions"].numel():
                 codes = self.image_to_generation_tokens(b["gen_pixels"])
@@ -144,12 +145,15 @@ def _janus_module_class() -> type:
 class JanusAdapter(ModelAdapter):
     """Janus / Janus-Pro through `transformers.JanusForConditionalGeneration` and its `JanusProcessor`."""
 
-    def __init__(self, path: str, *, dtype: Any = None, attn_implementation: str = "sdpa") -> None:
+    def __init__(self, path: str, *, dtype: Any = "float32", attn_implementation: str = "sdpa") -> None:
         from transformers import AutoProcessor, JanusForConditionalGeneration
 
         self.path = path
         self.processor = AutoProcessor.from_pretrained(path)
         self.tokenizer = self.processor.tokenizer
+        # Always an explicit dtype: transformers 5 turns dtype=None into "auto", which would give the bfloat16 the
+        # Janus-Pro checkpoints declare, i.e. bf16 master weights whose small updates round away. Training keeps
+        # float32 weights and computes in bf16 through autocast / FSDP's mixed-precision policy.
         janus = JanusForConditionalGeneration.from_pretrained(
             path, dtype=dtype, attn_implementation=attn_implementation
         )
@@ -202,8 +206,9 @@ class JanusAdapter(ModelAdapter):
         self.processor.save_pretrained(path)
 
 
-def load_adapter(kind: str, path: str, *, dtype: Any = None) -> ModelAdapter:
-    """The adapter named in the config, loading weights from `path` (a Hub id or a local folder)."""
+def load_adapter(kind: str, path: str, *, dtype: Any = "float32") -> ModelAdapter:
+    """The adapter named in the config, loading weights from `path` (a Hub id or a local folder) in `dtype`
+    (float32 by default, whatever the checkpoint declares: the trainer's master weights)."""
     if kind == "janus":
         return JanusAdapter(path, dtype=dtype)
     raise ValueError(f"unknown adapter {kind!r}")
