@@ -1,9 +1,11 @@
-"""Trainer data side without Ray: flags -> segments/masks per mode, skipping too-long records, the deterministic
-mixed and packed order, and config errors that name the field."""
+"""Trainer data side without Ray: flags -> segments/masks and the official targets per mode, condition dropout,
+the block-shuffled order (a pure function of seed, stage and step, equal across a resume), the streaming loader
+(DataLoader processes, Parquet and WebDataset), the tokenizer-only format, and config errors that name the field."""
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
@@ -12,61 +14,74 @@ from schemas.conversation import conversation_from_json
 from schemas.modes import FULL_MODES, MODES
 
 T, V, G = "text", "vit", "gen"
-# Expected spans per mode: (origin, kind, loss). "content" marks a part's own text (checked against the tokenizer).
+# Expected spans per mode: (origin, kind, loss). Every text part is followed by its EOS, a target exactly when the
+# text is (the official trainer's end-of-text label); BOI/EOI are never targets; a turn ending with an image closes
+# with an EOS without loss.
 HEAD = [("bos", T, False), ("turn 0", T, False), ("turn 1", T, False), ("turn 2", T, False)]
 EXPECTED = {
     1: [
         ("bos", T, False), ("turn 0", T, False),
         ("turn 0 part 0 boi", T, False), ("turn 0 part 0", V, False), ("turn 0 part 0 eoi", T, False),
         ("turn 0", T, False), ("turn 1", T, False), ("turn 2", T, False), ("turn 2 part 0", T, True),
-        ("turn 2", T, True),
+        ("turn 2 part 0 eos", T, True),
     ],
-    2: [*HEAD, ("turn 2 part 0", T, True), ("turn 2", T, True)],
+    2: [*HEAD, ("turn 2 part 0", T, True), ("turn 2 part 0 eos", T, True)],
     3: [
-        *HEAD, ("turn 2 part 0", T, True),
-        ("turn 2 part 1 boi", T, True), ("turn 2 part 1", G, True), ("turn 2 part 1 eoi", T, False),
-        ("turn 2", T, True),
+        *HEAD, ("turn 2 part 0", T, True), ("turn 2 part 0 eos", T, True),
+        ("turn 2 part 1 boi", T, False), ("turn 2 part 1", G, True), ("turn 2 part 1 eoi", T, False),
+        ("turn 2", T, False),
     ],
     4: [
         ("bos", T, False), ("turn 0", T, False),
         ("turn 0 part 0 boi", T, False), ("turn 0 part 0", V, False), ("turn 0 part 0 eoi", T, False),
         ("turn 0 part 1 boi", T, False), ("turn 0 part 1", V, False), ("turn 0 part 1 eoi", T, False),
         ("turn 0", T, False), ("turn 1", T, False), ("turn 2", T, False), ("turn 2 part 0", T, True),
-        ("turn 2", T, True),
+        ("turn 2 part 0 eos", T, True),
     ],
     5: [
-        *HEAD, ("turn 2 part 0", T, False),
+        *HEAD, ("turn 2 part 0", T, False), ("turn 2 part 0 eos", T, False),
         ("turn 2 part 1 boi", T, False), ("turn 2 part 1", V, False), ("turn 2 part 1 eoi", T, False),
         ("turn 2 part 1 boi", T, False), ("turn 2 part 1", G, False), ("turn 2 part 1 eoi", T, False),
-        ("turn 2 part 2", T, True), ("turn 2", T, True),
+        ("turn 2 part 2", T, True), ("turn 2 part 2 eos", T, True),
     ],
     6: [
-        *HEAD, ("turn 2 part 0", T, False),
+        *HEAD, ("turn 2 part 0", T, False), ("turn 2 part 0 eos", T, False),
         ("turn 2 part 1 boi", T, False), ("turn 2 part 1", V, False), ("turn 2 part 1 eoi", T, False),
         ("turn 2 part 1 boi", T, False), ("turn 2 part 1", G, False), ("turn 2 part 1 eoi", T, False),
-        ("turn 2 part 2", T, True),
-        ("turn 2 part 3 boi", T, True), ("turn 2 part 3", G, True), ("turn 2 part 3 eoi", T, False),
-        ("turn 2", T, True),
+        ("turn 2 part 2", T, True), ("turn 2 part 2 eos", T, True),
+        ("turn 2 part 3 boi", T, False), ("turn 2 part 3", G, True), ("turn 2 part 3 eoi", T, False),
+        ("turn 2", T, False),
     ],
 }  # fmt: skip
+ALL = [m.name for m in MODES]
+STAGE1 = {m.name: (1.0 if m.full else 0.5) for m in MODES}
 
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """12 trajectories in 2 units (2 files per mode and format), row groups of 2: 6 blocks of 2 records per mode."""
     from pipeline.shards import write_dataset
     from pipeline.synthetic import synthetic_trajectories
+    from schemas.config import ShardConfig
 
     out = tmp_path_factory.mktemp("trainer-data-unit") / "ds"
-    write_dataset(out, synthetic_trajectories(3))
+    write_dataset(out, synthetic_trajectories(12, size=32), ShardConfig(rows_per_group=2), unit_size=6)
     return out
 
 
 @pytest.fixture(scope="module")
 def fmt() -> object:
-    from trainer.model import load_adapter
+    from trainer.index import janus_sequence_format
     from trainer.tiny_janus import resolve_model
 
-    return load_adapter("janus", resolve_model("tiny:janus")).sequence_format()
+    return janus_sequence_format(resolve_model("tiny:janus"))
+
+
+@pytest.fixture(scope="module")
+def index(dataset: Path, fmt: object) -> object:
+    from trainer.data import build_index
+
+    return build_index(dataset, ALL, fmt, token_budget=4096)
 
 
 def _row(dataset: Path, mode: str) -> dict:
@@ -76,16 +91,22 @@ def _row(dataset: Path, mode: str) -> dict:
     return pq.read_table(files[0]).to_pylist()[0]
 
 
-@pytest.mark.parametrize("number", [1, 2, 3, 4, 5, 6])
-def test_masks_follow_flags_span_by_span(dataset: Path, fmt: object, number: int) -> None:
+def _encoded(dataset: Path, fmt: object, number: int) -> tuple[object, list]:
     import base64
 
-    from trainer.data import GEN, TEXT, VIT, collate, encode_conversation
+    from trainer.data import encode_conversation
 
     mode = MODES[number - 1].name
     row = _row(dataset, mode)
     turns = conversation_from_json(row["conversation"])
-    rec = encode_conversation(turns, fmt, record_id=row["id"], mode=mode, resolve=base64.b64decode)
+    return encode_conversation(turns, fmt, record_id=row["id"], mode=mode, resolve=base64.b64decode), turns
+
+
+@pytest.mark.parametrize("number", [1, 2, 3, 4, 5, 6])
+def test_masks_follow_flags_span_by_span(dataset: Path, fmt: object, number: int) -> None:
+    from trainer.data import GEN, TEXT, VIT, collate
+
+    rec, turns = _encoded(dataset, fmt, number)
     assert [(s.origin, s.kind, s.loss) for s in rec.segments] == EXPECTED[number]
     batch = collate([rec])
     labels = batch.text_labels[0].tolist()
@@ -116,66 +137,260 @@ def test_masks_follow_flags_span_by_span(dataset: Path, fmt: object, number: int
     assert batch.vit_positions.shape[0] == sum(p["need_vit"] for p in parts)
     assert batch.gen_positions.shape[0] == sum(p["need_vae"] or p["need_loss"] for p in parts)
     assert int(batch.image_target.sum()) == fmt.num_gen_tokens * sum(p["need_loss"] for p in parts)
-    assert (number in (3, 6)) == (mode in FULL_MODES)
+    assert (number in (3, 6)) == (MODES[number - 1].name in FULL_MODES)
 
 
-def test_too_long_records_are_skipped_and_counted(dataset: Path, fmt: object) -> None:
-    from trainer.data import build_index, pack_stream
+@pytest.mark.parametrize("number", [1, 2, 3, 4, 5, 6])
+def test_official_targets_eos_after_every_supervised_text_never_boi(dataset: Path, fmt: object, number: int) -> None:
+    """The same rule in every mode, read off the labels alone: each supervised text is followed by a labelled EOS
+    (and is the only thing an EOS label follows); BOI and EOI are never labels."""
+    from trainer.data import collate
 
-    full = build_index(dataset, [m.name for m in MODES], fmt, token_budget=100_000)
-    lengths = {e.id: e.length for es in full.entries.values() for e in es}
+    rec, turns = _encoded(dataset, fmt, number)
+    labels = collate([rec]).text_labels[0].tolist()
+    supervised = [p for t in turns if t["role"] == "assistant" for p in t["content"] if p["type"] == "text"]
+    supervised = [p for p in supervised if p["need_loss"]]
+    assert labels.count(fmt.eos_id) == len(supervised) >= 1
+    assert fmt.boi_id not in labels and fmt.eoi_id not in labels
+    for i, label in enumerate(labels):
+        if label == fmt.eos_id:
+            assert labels[i - 1] not in (-100, fmt.eos_id)  # right after supervised text tokens
+
+
+def test_rows_parse_without_decoding_images_and_broken_rows_are_skipped(
+    dataset: Path, fmt: object, tmp_path: Path
+) -> None:
+    """Image contents are split out of the canonical JSON (never JSON- or base64-decoded while indexing); another
+    JSON form parses in full to the same record; a broken image content or flag makes the row "invalid"."""
+    import base64
+
+    import pyarrow.parquet as pq
+
+    from schemas.conversation import ConversationError
+    from trainer.data import build_index, encode_conversation, parse_parquet_conversation, split_images
+
+    mode = "improving_full_learning"
+    path = sorted((dataset / "data" / mode).glob("*.parquet"))[0]
+    rows = pq.read_table(path).to_pylist()
+    conversation = rows[0]["conversation"]
+    stripped, images = split_images(conversation)
+    assert len(images) == 2 and stripped == conversation.replace(images[0], "0.png").replace(images[1], "1.png")
+    originals = [p["content"] for t in json.loads(conversation) if t["role"] == "assistant"
+                 for p in t["content"] if p["type"] == "image"]  # fmt: skip
+    assert images == originals
+    turns, resolve = parse_parquet_conversation(conversation, check=True)
+    other_turns, other_resolve = parse_parquet_conversation(json.dumps(json.loads(conversation), indent=1), check=True)
+    a = encode_conversation(turns, fmt, resolve=resolve)
+    b = encode_conversation(other_turns, fmt, resolve=other_resolve)
+    assert a.segments == b.segments and a.images == b.images == [base64.b64decode(x) for x in originals]
+
+    broken = [dict(r) for r in rows]
+    broken[1]["conversation"] = broken[1]["conversation"].replace(
+        split_images(broken[1]["conversation"])[1][0][:9], "", 1
+    )
+    turns2 = json.loads(rows[2]["conversation"])
+    del turns2[2]["content"][1]["need_vit"]
+    broken[2]["conversation"] = json.dumps(turns2, ensure_ascii=False, separators=(",", ":"))
+    with pytest.raises(ConversationError, match="not base64"):
+        parse_parquet_conversation(broken[1]["conversation"], check=True)
+    (tmp_path / "data" / mode).mkdir(parents=True)
+    pq.write_table(
+        pq.read_table(path).from_pylist(broken, schema=pq.read_schema(path)), tmp_path / "data" / mode / "x.parquet"
+    )
+    index = build_index(tmp_path, [mode], fmt, 4096)
+    assert index.skipped == Counter({f"{mode}: invalid": 2})
+    assert index.skipped_ids[rows[1]["id"]].startswith("invalid: image 0: content is not base64")
+    assert "lacks the flag need_vit" in index.skipped_ids[rows[2]["id"]]
+    assert [e.id for e in index.entries[mode]] == [r["id"] for r in rows if r["id"] not in index.skipped_ids]
+
+
+def test_tokenizer_only_format_matches_the_adapter(fmt: object) -> None:
+    from trainer.model import load_adapter
+    from trainer.tiny_janus import resolve_model
+
+    adapter = load_adapter("janus", resolve_model("tiny:janus"))
+    want = adapter.sequence_format()
+    facts = ("bos_id", "eos_id", "boi_id", "eoi_id", "vit_id", "gen_id", "num_vit_tokens", "num_gen_tokens")
+    assert {k: getattr(fmt, k) for k in facts} == {k: getattr(want, k) for k in facts}
+    assert fmt.pad_id == adapter.tokenizer.pad_token_id is not None
+    for text in ("<think>\nred circles, side by side</think>", "### Final Comprehensive Prompt: 3 squares", "é ✓"):
+        assert fmt.tokenize(text) == adapter.tokenize(text)
+
+
+def test_too_long_records_are_skipped_and_counted(dataset: Path, fmt: object, index: object) -> None:
+    from trainer.data import build_index, worker_packs
+
+    lengths = {e.id: e.length for es in index.entries.values() for e in es}
     budget = sorted(lengths.values())[len(lengths) // 2]  # about half of the records do not fit
-    index = build_index(dataset, [m.name for m in MODES], fmt, token_budget=budget)
+    small = build_index(dataset, ALL, fmt, token_budget=budget)
     too_long = {i for i, n in lengths.items() if n > budget}
-    assert too_long and set(index.skipped_ids) == too_long
-    assert all(index.skipped_ids[i] == f"too_long: {lengths[i]} tokens > budget {budget}" for i in too_long)
-    assert sum(index.skipped.values()) == len(too_long)
-    assert sum(index.counts().values()) == len(lengths) - len(too_long)
-    weights = {m.name: 1.0 for m in MODES}
-    stream = pack_stream(index, weights, budget, seed=0, stage="1")
-    packs = [next(stream) for _ in range(50)]
+    assert too_long and set(small.skipped_ids) == too_long
+    assert all(small.skipped_ids[i] == f"too_long: {lengths[i]} tokens > budget {budget}" for i in too_long)
+    assert sum(small.skipped.values()) == len(too_long)
+    assert sum(small.counts().values()) == len(lengths) - len(too_long)
+    weights = {m: 1.0 for m in ALL if small.entries[m]}
+    steps = worker_packs(small, weights, budget, 0, "1", rank=0, world_size=1, grad_accum=1)
+    packs = [p for _ in range(50) for p in next(steps)[1]]
     assert all(p.tokens <= budget for p in packs)
     assert not {e.id for p in packs for e in p.entries} & too_long
 
 
-def test_order_is_deterministic_and_weighted(dataset: Path, fmt: object) -> None:
-    from collections import Counter
+def _plan(index: object, steps: int, **kwargs: object) -> dict[int, list[tuple[int, tuple[str, ...]]]]:
+    """step -> [(global pack, record ids)] of one worker's plan."""
+    from trainer.data import worker_packs
 
-    from trainer.data import build_index, record_stream, worker_packs
-
-    index = build_index(dataset, [m.name for m in MODES], fmt, token_budget=2048)
-    weights = {m.name: (1.0 if m.full else 0.5) for m in MODES}
-
-    def ids(seed: int) -> list[str]:
-        stream = record_stream(index, weights, seed, "1")
-        return [next(stream).id for _ in range(2000)]
-
-    assert ids(0) == ids(0) and ids(0) != ids(1)
-    counts = Counter(i.rsplit("_m", 1)[1] for i in ids(0))
-    assert 0.4 < counts["2"] / counts["3"] < 0.6  # weight 0.5 vs 1.0
-    # Worker r of W takes every W-th pack; starting at step s skips exactly s steps' packs.
-    kwargs = {"world_size": 2, "grad_accum": 2}
-    full = worker_packs(index, weights, 2048, 0, "1", rank=1, **kwargs)
-    steps = [next(full) for _ in range(6)]
-    assert [p.index for p in steps[0][1]] == [1, 3]
-    later = worker_packs(index, weights, 2048, 0, "1", rank=1, start_step=4, **kwargs)
-    step, packs = next(later)
-    assert step == 4 and [p.entries for p in packs] == [p.entries for p in steps[4][1]]
+    kw = {"rank": 0, "world_size": 1, "grad_accum": 1, "seed": 0, "stage": "1", **kwargs}
+    weights = kw.pop("weights", STAGE1)
+    it = worker_packs(index, weights, kw.pop("budget", 2048), kw.pop("seed"), kw.pop("stage"), **kw)
+    out = {}
+    for _ in range(steps):
+        step, packs = next(it)
+        out[step] = [(p.index, tuple(e.id for e in p.entries)) for p in packs]
+    return out
 
 
-def test_webdataset_and_parquet_give_the_same_records(dataset: Path, fmt: object) -> None:
+def test_order_is_a_pure_function_of_seed_stage_step_and_resumes_exactly(index: object) -> None:
+    a = _plan(index, 40, world_size=2, rank=1, grad_accum=2)
+    assert a == _plan(index, 40, world_size=2, rank=1, grad_accum=2)
+    assert a != _plan(index, 40, world_size=2, rank=1, grad_accum=2, seed=1)
+    assert a != _plan(index, 40, world_size=2, rank=1, grad_accum=2, stage="2")
+    # A resumed plan is the tail of the uninterrupted one, pack for pack.
+    resumed = _plan(index, 15, world_size=2, rank=1, grad_accum=2, start_step=25)
+    assert resumed == {s: a[s] for s in range(25, 40)}
+    # Worker r holds global packs (s * grad_accum + k) * W + r.
+    assert [g for g, _ in a[3]] == [(3 * 2 + k) * 2 + 1 for k in range(2)]
+    # Mixing follows the weights (thinking modes 0.5, full modes 1.0).
+    counts = Counter(i.rsplit("_m", 1)[1] for packs in _plan(index, 400).values() for _, ids in packs for i in ids)
+    assert 0.4 < counts["2"] / counts["3"] < 0.65 and 0.4 < counts["5"] / counts["6"] < 0.65
+
+
+def test_every_record_once_per_epoch_across_workers_and_streams(index: object) -> None:
+    """Streams split each epoch's blocks between them: with one mode, the first len(mode) records drawn over all
+    workers and streams are exactly the mode's records, each once."""
+    from trainer.data import _blocks_of, _mode_stream
+
+    mode = "initial_full_learning"
+    entries = index.entries[mode]
+    n_blocks = len(_blocks_of(entries))
+    assert n_blocks == 6  # 12 records in row groups of 2
+    streams = 3  # e.g. 3 workers x 1 stream: 2 blocks each per epoch
+    seen = []
+    for q in range(streams):
+        stream = _mode_stream(entries, 0, "1", mode, q, streams, shuffle_blocks=2)
+        seen += [next(stream)[0].id for _ in range(len(entries) // streams)]
+    assert sorted(seen) == sorted(e.id for e in entries)
+    # Block shuffle, not a fixed order: epochs differ and the records of a window are shuffled across its blocks.
+    one = _mode_stream(entries, 0, "1", mode, 0, 1, shuffle_blocks=2)
+    first, second = [next(one)[0].id for _ in entries], [next(one)[0].id for _ in entries]
+    assert sorted(first) == sorted(second) and first != second
+    assert first[:4] != [e.id for e in entries[:4]]
+
+
+def _loaded(dataset_index: object, fmt: object, steps: int, workers: int, **kwargs: object) -> list:
+    from trainer.data import ConditionDropout, PackDataset, PackLoader
+
+    kw = {"rank": 0, "world_size": 1, "grad_accum": 2, "start_step": 0, "streams": 2, "shuffle_blocks": 2}
+    kw.update(kwargs)
+    dropout = kw.pop("dropout", ConditionDropout(text=0.5, gen_image=0.5, vit_image=0.5))
+    ds = PackDataset(dataset_index, fmt, STAGE1, 2048, 0, "1", dropout=dropout, **kw)
+    out = []
+    with PackLoader(ds, workers=workers, prefetch=2) as loader:
+        it = iter(loader)
+        for _ in range(steps * kw["grad_accum"]):
+            out.append(next(it))
+    return out
+
+
+def _summary(items: list) -> list:
+    return [(i.step, i.pack.index, tuple(e.id for e in i.pack.entries), i.batch.input_ids[0].tolist(),
+             sorted(i.dropped.items())) for i in items]  # fmt: skip
+
+
+def test_loader_processes_read_the_plan_in_order_and_resume_exactly(dataset: Path, fmt: object, index: object) -> None:
+    """2 DataLoader processes give the plan's packs in the plan's order, the same batches (dropout included) as
+    reading in this process, and a resumed loader gives the tail; each block is read once per window."""
+    inline = _loaded(index, fmt, 12, workers=0)
+    forked = _loaded(index, fmt, 12, workers=2)
+    assert _summary(forked) == _summary(inline)
+    plan = _plan(index, 12, grad_accum=2, streams=2)
+    assert [(i.pack.index, tuple(e.id for e in i.pack.entries)) for i in forked] == [
+        p for s in range(12) for p in plan[s]
+    ]
+    assert any(i.dropped for i in forked)
+    resumed = _loaded(index, fmt, 5, workers=2, start_step=7)
+    assert _summary(resumed) == _summary(forked)[14:]
+    # Resuming at an odd pack: the DataLoader still starts with its process 0, which must then hold that pack.
+    one = _loaded(index, fmt, 12, workers=2, grad_accum=1)
+    assert _summary(_loaded(index, fmt, 5, workers=2, grad_accum=1, start_step=7)) == _summary(one)[7:]
+
+
+def test_each_block_is_read_once_per_window_not_once_per_record(index: object, fmt: object) -> None:
+    """One mode, one stream: windows of 2 blocks of 2 records, so reading n records costs 2 * ceil(n / 4) block
+    reads at most (one row-group read per record would cost n)."""
+    import math
+
+    from trainer.data import PackDataset
+
+    mode = "improving_full_learning"
+    ds = PackDataset(index, fmt, {mode: 1.0}, 2048, 0, "1", rank=0, world_size=1, grad_accum=1, streams=1)
+    it, n = iter(ds), 0
+    while n < 60:
+        item = next(it)
+        n += len(item.pack.entries)
+    assert 0 < item.block_reads <= 2 * math.ceil(n / 4), (item.block_reads, n)
+
+
+def test_webdataset_and_parquet_give_the_same_records(
+    dataset: Path, fmt: object, index: object, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import trainer.data
     from trainer.data import RecordReader, build_index
 
-    modes = [m.name for m in MODES]
-    pq_index = build_index(dataset, modes, fmt, 4096, "parquet")
-    wds_index = build_index(dataset, modes, fmt, 4096, "webdataset")
+    monkeypatch.setattr(trainer.data, "WDS_BLOCK_ROWS", 4)  # several blocks per tar
+    wds = build_index(dataset, ALL, fmt, 4096, "webdataset")
+    assert max(e.locator[0] for es in wds.entries.values() for e in es) == 1
     reader = RecordReader(fmt)
-    for mode in modes:
-        a = {e.id: reader.read(e) for e in pq_index.entries[mode]}
-        b = {e.id: reader.read(e) for e in wds_index.entries[mode]}
-        assert sorted(a) == sorted(b) and len(a) == 3
+    for mode in ALL:
+        a = {e.id: reader.read(e) for e in index.entries[mode]}
+        b = {e.id: reader.read(e) for e in wds.entries[mode]}
+        assert sorted(a) == sorted(b) and len(a) == 12
         for rid in a:
             assert a[rid].segments == b[rid].segments and a[rid].images == b[rid].images
+    items = _loaded(wds, fmt, 4, workers=2)
+    assert all(i.pack.entries[0].file.endswith(".tar") for i in items)
+    assert [r for i in items for r in i.batch.record_ids] == [e.id for i in items for e in i.pack.entries]
+
+
+def test_dropout_is_deterministic_at_the_configured_rates(dataset: Path, fmt: object) -> None:
+    from trainer.data import GEN, TEXT, ConditionDropout, apply_dropout
+
+    rec6, _ = _encoded(dataset, fmt, 6)
+    rec5, _ = _encoded(dataset, fmt, 5)
+    cfg = ConditionDropout(text=0.1, gen_image=0.3, vit_image=0.2)
+    n = 3000
+    runs = [apply_dropout(rec6, fmt, cfg, seed=0, stage="1", step=s) for s in range(n)]
+    again = [apply_dropout(rec6, fmt, cfg, seed=0, stage="1", step=s) for s in range(n)]
+    assert [r.segments for r in runs] == [r.segments for r in again]
+    other = [apply_dropout(rec6, fmt, cfg, seed=1, stage="1", step=s).dropped for s in range(n)]
+    assert other != [r.dropped for r in runs]
+    rate = Counter(d.split()[0] for r in runs for d in r.dropped)
+    assert abs(rate["text"] / n - 0.1) < 0.025 and abs(rate["gen"] / n - 0.3) < 0.04
+    assert abs(rate["vit"] / n - 0.2) < 0.035
+    target = [(s.origin, s.ids) for s in rec6.segments if s.kind == GEN and s.loss]
+    for r in runs:
+        assert [(s.origin, s.ids) for s in r.segments if s.kind == GEN and s.loss] == target  # targets stay
+        if "text" in r.dropped:  # Janus' unconditional branch: BOS, pads, ..., BOI, the target image
+            cut = next(i for i, s in enumerate(r.segments) if s.kind == GEN and s.loss) - 1
+            texts = [s for s in r.segments[1:cut] if s.kind == TEXT and not s.origin.endswith(("boi", "eoi"))]
+            assert texts and all(set(s.ids) == {fmt.pad_id} and not s.loss for s in texts)
+            assert r.segments[0].ids == (fmt.bos_id,) and r.segments[cut].ids == (fmt.boi_id,)
+        removed = sum(1 for d in r.dropped if d != "text")
+        size = {"vit": fmt.num_vit_tokens + 2, "gen": fmt.num_gen_tokens + 2}
+        assert rec6.length - r.length == sum(size[d.split()[0]] for d in r.dropped if d != "text")
+        assert len(r.segments) == len(rec6.segments) - 3 * removed
+    # Text dropout is for image generation only: a record without an image target keeps its text.
+    assert not any("text" in apply_dropout(rec5, fmt, cfg, seed=0, stage="1", step=s).dropped for s in range(500))
+    assert apply_dropout(rec6, fmt, ConditionDropout(), seed=0, stage="1", step=0) is rec6
 
 
 def test_bad_config_names_the_field_and_exits_2(tmp_path: Path) -> None:
