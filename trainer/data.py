@@ -31,6 +31,7 @@ import io
 import json
 import random
 import tarfile
+from array import array
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field, replace
@@ -806,7 +807,8 @@ class PackDataset:
                 records.append(rec)
             batch = collate(records)
             tensors = self.prepare(batch) if self.prepare is not None else None
-            yield LoadedPack(step, Pack(pack.index, pack.entries), batch, tensors, dropped, reader.block_reads)
+            item = LoadedPack(step, Pack(pack.index, pack.entries), batch, tensors, dropped, reader.block_reads)
+            yield _to_wire(item) if info is not None else item
 
 
 class PackLoader:
@@ -830,7 +832,7 @@ class PackLoader:
 
     def __iter__(self) -> Iterator[LoadedPack]:
         self._it = iter(self.loader)
-        return self._it
+        return (_from_wire(item) for item in self._it)
 
     def close(self) -> None:
         if self._it is not None and hasattr(self._it, "_shutdown_workers"):
@@ -846,6 +848,39 @@ class PackLoader:
 
 def _identity(item: Any) -> Any:
     return item
+
+
+_BATCH_TENSORS = ("input_ids", "position_ids", "text_labels", "image_target", "mode_ids", "vit_positions",
+                  "gen_positions")  # fmt: skip
+_WIRE_MAX_BYTES = 1 << 20
+
+
+def _to_wire(item: LoadedPack) -> LoadedPack:
+    """In a loader process: small tensors as numpy arrays, which travel pickled through the pipe; torch would put
+    each tensor in its own shared-memory segment, which costs more than the copy below ~1 MB."""
+    import torch
+
+    def wire(value: Any) -> Any:
+        small = isinstance(value, torch.Tensor) and value.numel() * value.element_size() <= _WIRE_MAX_BYTES
+        return value.numpy() if small else value
+
+    batch = replace(item.batch, **{f: wire(getattr(item.batch, f)) for f in _BATCH_TENSORS})
+    tensors = {k: wire(v) for k, v in item.tensors.items()} if isinstance(item.tensors, dict) else item.tensors
+    return replace(item, batch=batch, tensors=tensors)
+
+
+def _from_wire(item: LoadedPack) -> LoadedPack:
+    import numpy as np
+    import torch
+
+    def back(value: Any) -> Any:
+        return torch.from_numpy(value) if isinstance(value, np.ndarray) else value
+
+    if not isinstance(item.batch.input_ids, np.ndarray):
+        return item
+    batch = replace(item.batch, **{f: back(getattr(item.batch, f)) for f in _BATCH_TENSORS})
+    tensors = {k: back(v) for k, v in item.tensors.items()} if isinstance(item.tensors, dict) else item.tensors
+    return replace(item, batch=batch, tensors=tensors)
 
 
 def _iterable_dataset(dataset: PackDataset) -> Any:
@@ -902,50 +937,61 @@ class PackedBatch:
 
 def collate(records: list[EncodedRecord]) -> PackedBatch:
     """Flatten the segments of the records of one pack into a PackedBatch (tensors on CPU)."""
+    import numpy as np
     import torch
 
-    ids: list[int] = []
-    pos: list[int] = []
-    labels: list[int] = []
-    target: list[bool] = []
-    mode_ids: list[int] = []
-    vit_pos: list[list[int]] = []
+    ids = array("q")
+    pos = array("q")
+    labels = array("q")
+    target = bytearray()
+    mode_ids = array("q")
+    vit_pos: list[int] = []
     vit_img: list[bytes] = []
-    gen_pos: list[list[int]] = []
+    gen_pos: list[int] = []
     gen_img: list[bytes] = []
     for rec in records:
         start = len(ids)
         number = MODES_BY_NAME[rec.mode].index
         for seg in rec.segments:
-            here = list(range(len(ids), len(ids) + len(seg.ids)))
-            ids += seg.ids
+            n = len(seg.ids)
             if seg.kind == TEXT:
-                labels += list(seg.ids) if seg.loss else [-100] * len(seg.ids)
-                target += [False] * len(seg.ids)
+                labels.extend(seg.ids if seg.loss else _IGNORE[:n] if n <= len(_IGNORE) else (-100,) * n)
+                target.extend(bytes(n))
             else:
-                labels += [-100] * len(seg.ids)
-                target += [seg.loss and seg.kind == GEN] * len(seg.ids)
                 data = rec.images[seg.image]  # type: ignore[index]
                 if not isinstance(data, bytes):
                     raise ValueError(f"record {rec.id}: image {seg.image} was not resolved to bytes")
-                (vit_pos if seg.kind == VIT else gen_pos).append(here)
+                labels.extend((-100,) * n)
+                target.extend((b"\x01" if seg.loss and seg.kind == GEN else b"\x00") * n)
+                (vit_pos if seg.kind == VIT else gen_pos).extend(range(len(ids), len(ids) + n))
                 (vit_img if seg.kind == VIT else gen_img).append(data)
-        pos += list(range(len(ids) - start))
-        mode_ids += [number] * (len(ids) - start)
+            ids.extend(seg.ids)
+        pos.extend(range(len(ids) - start))
+        mode_ids.extend((number,) * (len(ids) - start))
 
-    def positions(rows: list[list[int]]) -> Any:
-        return torch.tensor(rows, dtype=torch.long) if rows else torch.zeros((0, 0), dtype=torch.long)
+    def row(values: array) -> Any:
+        return torch.from_numpy(np.frombuffer(values, dtype=np.int64).copy()).view(1, -1)
 
+    def positions(flat: list[int], per_image: int) -> Any:
+        if not flat:
+            return torch.zeros((0, 0), dtype=torch.long)
+        return torch.from_numpy(np.array(flat, dtype=np.int64)).view(-1, per_image)
+
+    vit_n = len(vit_pos) // max(1, len(vit_img))
+    gen_n = len(gen_pos) // max(1, len(gen_img))
     return PackedBatch(
-        input_ids=torch.tensor([ids], dtype=torch.long),
-        position_ids=torch.tensor([pos], dtype=torch.long),
-        text_labels=torch.tensor([labels], dtype=torch.long),
-        image_target=torch.tensor([target], dtype=torch.bool),
-        mode_ids=torch.tensor([mode_ids], dtype=torch.long),
-        vit_positions=positions(vit_pos),
+        input_ids=row(ids),
+        position_ids=row(pos),
+        text_labels=row(labels),
+        image_target=torch.from_numpy(np.frombuffer(bytes(target), dtype=np.bool_).copy()).view(1, -1),
+        mode_ids=row(mode_ids),
+        vit_positions=positions(vit_pos, vit_n),
         vit_images=vit_img,
-        gen_positions=positions(gen_pos),
+        gen_positions=positions(gen_pos, gen_n),
         gen_images=gen_img,
         record_ids=[r.id for r in records],
         modes=[r.mode for r in records],
     )
+
+
+_IGNORE = (-100,) * 4096
