@@ -61,6 +61,36 @@ class EmaConfig(_Strict):
     decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimiser step.")
 
 
+class ConditionDropoutConfig(_Strict):
+    """Condition dropout for classifier-free guidance, drawn per (seed, stage, record id, step), so a resumed run
+    drops exactly what the uninterrupted run dropped. Targets are never dropped."""
+
+    text: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="Probability that a record with an image target (modes 3 and 6) loses its text condition: every "
+        "text token between BOS and the target image's BOI becomes the pad token, without loss (Janus' "
+        "unconditional branch for CFG: its sampler replaces the prompt by pad tokens); image conditions stay. 0.1 "
+        "is the official IRG trainer's default text_cond_dropout_prob (its stage scripts pass 0).",
+    )
+    generation_image: float = Field(
+        0.3,
+        ge=0,
+        le=1,
+        description="Probability of removing an image condition seen through the generation encoder (need_vae: I1 "
+        "in modes 5 and 6), per image: the official recipe's clean-VAE condition dropout (vae_cond_dropout_prob "
+        "0.3).",
+    )
+    understanding_image: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Probability of removing an image condition seen through the understanding encoder (need_vit), "
+        "per image; the official stage scripts pass vit_cond_dropout_prob 0.",
+    )
+
+
 class RayTrainConfig(_Strict):
     """How Ray Train runs the workers. Resources come from here, never from the driver's hardware."""
 
@@ -102,6 +132,47 @@ class TrainConfig(_Strict):
         4096, ge=16, description="Tokens per packed sequence (one micro-batch); longer records are skipped, counted."
     )
     grad_accum: int = Field(1, ge=1, description="Packed sequences per worker accumulated into one optimiser step.")
+    # Data loading (trainer/data.py, trainer/index.py)
+    data_streams: int = Field(
+        2,
+        ge=1,
+        description="Block streams per worker. The data order is a pure function of (seed, stage, step) for a given "
+        "world size and number of streams; each stream reads whole row groups (Parquet) or 64-sample blocks "
+        "(WebDataset) once per window. A multiple of loader_workers; changing it changes the order.",
+    )
+    loader_workers: int = Field(
+        2,
+        ge=0,
+        description="DataLoader processes per worker that read blocks, parse and tokenize records, apply condition "
+        "dropout, collate and preprocess images ahead of the step loop (0: in the training process). Must divide "
+        "data_streams; does not change the order.",
+    )
+    prefetch_packs: int = Field(2, ge=1, description="Packed sequences each loader process prepares ahead.")
+    shuffle_blocks: int = Field(
+        2,
+        ge=1,
+        description="Blocks whose records a stream shuffles together (the shuffle buffer; block order is shuffled "
+        "per epoch anyway). Memory per loader process: about modes x shuffle_blocks x one row group's bytes x "
+        "data_streams / loader_workers.",
+    )
+    index_jobs: int | None = Field(
+        None,
+        ge=1,
+        description="Processes that build the data index (None: one per CPU, at most 16). The index is cached under "
+        "<output_dir>/index/, keyed by the dataset's manifest, the tokenizer, the token budget and the modes.",
+    )
+    condition_dropout: ConditionDropoutConfig = Field(
+        ConditionDropoutConfig(), description="Condition dropout for classifier-free guidance."
+    )
+
+    @field_validator("loader_workers")
+    @classmethod
+    def _loader_divides_streams(cls, value: int, info: object) -> int:
+        streams = getattr(info, "data", {}).get("data_streams")
+        if value and streams and streams % value:
+            raise ValueError(f"must divide data_streams ({streams}), got {value}")
+        return value
+
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: no clip).")

@@ -105,7 +105,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         set_optimizer_state_dict,
     )
 
-    from trainer.data import DataIndex, Entry, RecordReader, collate, worker_packs
+    from trainer.data import ConditionDropout, PackDataset, PackLoader, steps_packs
     from trainer.model import load_adapter
 
     ctx = ray.train.get_context()
@@ -121,12 +121,9 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     adapter.freeze(vision=cfg["freeze_vision"])
     if cfg["gradient_checkpointing"]:
         adapter.module.janus.model.language_model.gradient_checkpointing_enable()
-    fmt = adapter.sequence_format()
-    index = DataIndex(entries={m: [Entry(**e) for e in es] for m, es in cfg["index"].items()})
-    for es in index.entries.values():
-        for i, e in enumerate(es):
-            es[i] = Entry(e.mode, e.id, e.file, _tuplify(e.locator), e.length)
-    reader = RecordReader(fmt)
+    from trainer.index import tokenizer_format
+
+    fmt = tokenizer_format(cfg["adapter"], cfg["init_path"])  # the adapter's format plus the pad id (CFG dropout)
 
     strategy = cfg["ray"]["strategy"]
     if strategy == "fsdp":
@@ -178,17 +175,34 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     log = _Logger(stage_dir, rank, cfg)
     log.event(event="start", stage=stage_name, step=start_step, rank=rank, world_size=world)
     weights = {m: w for m, w in stage["modes"].items() if w > 0}
-    packs = worker_packs(
-        index,
-        weights,
-        cfg["token_budget"],
-        cfg["seed"],
-        stage_name,
-        rank=rank,
-        world_size=world,
-        grad_accum=cfg["grad_accum"],
-        start_step=start_step,
+    # The streaming reader: loader processes read whole blocks of this worker's streams, parse, tokenize, drop
+    # conditions, collate and preprocess images ahead of the loop; packs arrive in plan order (checked per step).
+    dropout = cfg["condition_dropout"]
+    loader = PackLoader(
+        PackDataset(
+            cfg["index"],  # the cached index's path: each loader process reads it
+            fmt,
+            weights,
+            cfg["token_budget"],
+            cfg["seed"],
+            stage_name,
+            rank=rank,
+            world_size=world,
+            grad_accum=cfg["grad_accum"],
+            start_step=start_step,
+            streams=cfg["data_streams"],
+            shuffle_blocks=cfg["shuffle_blocks"],
+            dropout=ConditionDropout(
+                text=dropout["text"],
+                gen_image=dropout["generation_image"],
+                vit_image=dropout["understanding_image"],
+            ),
+            prepare=adapter.batch_tensors,
+        ),
+        workers=cfg["loader_workers"],
+        prefetch=cfg["prefetch_packs"],
     )
+    packs = iter(loader)
     # Per mode number: text loss sum, text tokens, image loss sum, image tokens (summed over ranks at log time).
     stats = torch.zeros((7, 4), dtype=torch.float64)
     tokens_seen = 0
@@ -196,10 +210,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     accum = cfg["grad_accum"]
     model.train()
     for step in range(start_step, stage["steps"]):
-        _, step_packs = next(packs)
-        for k, pack in enumerate(step_packs):
-            batch = collate([reader.read(e) for e in pack.entries])
-            tensors = {name: t.to(device) for name, t in adapter.batch_tensors(batch).items()}
+        step_items = steps_packs(packs, accum, step)
+        step_packs = [item.pack for item in step_items]
+        for k, item in enumerate(step_items):
+            batch = item.batch
+            tensors = {name: t.to(device) for name, t in item.tensors.items()}
             sync = k == accum - 1 or strategy == "fsdp"
             ctx_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _nullcontext()
             with ctx_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -266,6 +281,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a hard kill, no clean-up
             if last:
                 _export(adapter, model_sd, ema, stage_dir, rank, cfg, done)
+    loader.close()
     log.close()
     if dist.is_initialized():
         dist.barrier()
@@ -317,10 +333,3 @@ class _nullcontext:
 
     def __exit__(self, *exc: object) -> None:
         return None
-
-
-def _tuplify(value: Any) -> Any:
-    """JSON turns the locator's tuples into lists; entries must compare and hash as built."""
-    if isinstance(value, list):
-        return tuple(_tuplify(v) for v in value)
-    return value

@@ -91,8 +91,7 @@ def train(
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from trainer.data import build_index
-    from trainer.model import load_adapter
+    from trainer.index import FormatSource, cached_index
     from trainer.tiny_janus import resolve_model
 
     cfg = config if isinstance(config, TrainConfig) else load_train_config(config)
@@ -130,8 +129,21 @@ def train(
         sdir.mkdir(parents=True, exist_ok=True)
         stage_cfg = cfg.stage(name)
         modes = list(stage_cfg.active_modes())
-        fmt = load_adapter(cfg.adapter, init).sequence_format()
-        index = build_index(data_dir, modes, fmt, cfg.token_budget, cfg.data_format)
+        # The index of both stages' modes, from the tokenizer alone, built once in parallel and cached (stage 2 and
+        # every resume read it); the workers get its path.
+        indexed = cached_index(
+            data_dir,
+            [m for m in cfg.stage1.active_modes() | cfg.stage2.active_modes()],
+            FormatSource(cfg.adapter, init),
+            cfg.token_budget,
+            cfg.data_format,
+            Path(cfg.output_dir).resolve() / "index",
+            jobs=cfg.index_jobs,
+        )
+        index = indexed.index.subset(modes)
+        how = "read from cache" if indexed.cached else f"built with {indexed.jobs} process(es)"
+        print(f"stage {name}: index of {sum(index.counts().values())} records {how} in {indexed.seconds:.1f} s "
+              f"({indexed.path})", flush=True)  # fmt: skip
         data_stats = {"usable": index.counts(), "skipped": dict(index.skipped), "skipped_ids": index.skipped_ids}
         (sdir / "data_stats.json").write_text(json.dumps(data_stats, indent=2, sort_keys=True))
         loop_cfg: dict[str, Any] = cfg.model_dump()
@@ -141,7 +153,7 @@ def train(
             stage_dir=str(sdir),
             init_path=init,
             resume_dir=str(resume_dir) if (resume and resume_dir) else None,
-            index={m: [e.__dict__ for e in es] for m, es in index.entries.items()},
+            index=str(indexed.path),
         )
         backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if cfg.ray.use_gpu else "gloo")
         trainer = TorchTrainer(
