@@ -181,6 +181,11 @@ def build_logging(log_dir: Path | None, *, ray: bool = True) -> Iterator[None]:
                     h.setLevel(max(h.level, logging.WARNING))
             lg.addHandler(forward)
             restore.append((lg.removeHandler, forward))
+        # Ray Data's issue detector warns every 30 s that actors use memory they did not request (a dozen lines
+        # each time, on every build): into the file only.
+        detector = logging.getLogger("ray.data._internal.issue_detection")
+        restore.append((_set_logger, detector, list(detector.handlers), detector.propagate, detector.level))
+        _set_logger(detector, [forward], False, logging.INFO)
     for name in ENGINE_LOGGERS:
         lg = logging.getLogger(name)
         restore.append((_set_logger, lg, list(lg.handlers), lg.propagate, lg.level))
