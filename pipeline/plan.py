@@ -140,6 +140,11 @@ MIN_SECTION_CHARS = {"think": 1000, "reflect": 500}
 IMAGE_BYTES_1024 = {"png": 1.6e6, "jpeg": 0.5e6}
 #: Images per trajectory in the six mode records (modes 1, 3, 5: one; 4, 6: two; 2: none).
 IMAGES_PER_TRAJECTORY_IN_MODES = 7
+#: MEASURED (bench/scale.py, one core of the development machine's AMD EPYC, 1024 px JPEG q95 at ~320 KB): CPU
+#: seconds per trajectory of a unit writer (trajectory, reject and marker files, then the six modes' Parquet and
+#: WebDataset), and of `irgl verify` with images decoded. Larger images cost more, roughly with their bytes.
+WRITER_CPU_PER_TRAJECTORY = 0.031
+VERIFY_CPU_PER_TRAJECTORY = 0.113
 
 #: The official IRG trainer accepts images whose long side is <= 1024 and short side >= 512 (docs/IRGL_FORMAT.md).
 TRAINER_MAX_LONG_SIDE = 1024
@@ -598,6 +603,8 @@ class Plan:
     disk_bytes: float | None
     upload_bytes: float | None
     cluster: ClusterSpec | None
+    shard_writers: int = 0
+    writer_hours: float | None = None  # CPU-hours of the unit writers over the whole build
     warnings: list[str] = field(default_factory=list)
     options: list[str] = field(default_factory=list)  # settings that would make the build faster (not warnings)
 
@@ -669,6 +676,14 @@ def make_plan(
         disk = parquet + wds + kept * 2 * per_image  # + OUT/trajectories (I1, I2 once)
         upload = parquet
 
+    writer_hours = None if n is None else n * WRITER_CPU_PER_TRAJECTORY / 3600
+    writes_per_hour = max(cfg.shard_writers, 1) / WRITER_CPU_PER_TRAJECTORY * 3600  # 0: the driver, as one writer
+    if wall and n and writes_per_hour < 1.5 * n / wall * 3600:
+        warnings.append(
+            f"shard_writers: {cfg.shard_writers} write ~{writes_per_hour:,.0f} trajectories/hour, too close to the "
+            f"~{n / wall * 3600:,.0f}/hour the stages make: finished units would queue on the head node and the "
+            "tail after the last GPU stage would grow; give it more"
+        )
     warnings += _config_warnings(cfg, longest_prompt)
     if cluster is not None:
         warnings += _cluster_warnings(stages, cluster)
@@ -689,6 +704,8 @@ def make_plan(
         disk_bytes=disk,
         upload_bytes=upload,
         cluster=cluster,
+        shard_writers=cfg.shard_writers,
+        writer_hours=writer_hours,
         warnings=warnings,
         options=_options(cfg, stages, n),
     )
@@ -930,6 +947,14 @@ def format_plan(plan: Plan) -> str:
         )
         lines.append(f"stage utilisation: {util}")
     lines.append(f"disk for OUT: ~{_size(plan.disk_bytes)}; Hub upload (Parquet): ~{_size(plan.upload_bytes)}")
+    if plan.writer_hours is not None and plan.trajectories:
+        where = f"{plan.shard_writers} unit-writer processes" if plan.shard_writers else "the driver process"
+        verify = plan.trajectories * VERIFY_CPU_PER_TRAJECTORY / 3600
+        lines.append(
+            f"head node: {where} write each unit's shards while the stages run (~{plan.writer_hours:.1f} CPU-hours "
+            f"in all); after the last unit only the manifest, card and report (seconds); irgl verify: "
+            f"~{verify:.1f} CPU-hours, spread over the head node's cores (--jobs)"
+        )
     if plan.cluster is not None:
         c = plan.cluster
         kinds = ", ".join(

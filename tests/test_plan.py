@@ -442,3 +442,22 @@ def test_generation_hash_is_keyed_by_registry_stages() -> None:
     fast = cfg.draw_refined.model.model_copy(update={"compile": True})
     compiled = cfg.model_copy(update={"draw_refined": cfg.draw_refined.model_copy(update={"model": fast})})
     assert compiled.draw_refined.model.compile and compiled.generation_hash() == cfg.generation_hash()
+
+
+def test_head_node_work_is_planned_and_too_few_writers_warn(tmp_path: Path) -> None:
+    """The unit writers' CPU over the build, and a warning when they would fall behind the stages."""
+    cfg = load_build_config(str(FORWARD))
+    plan = make_plan(cfg)
+    assert plan.writer_hours == pytest.approx(plan.trajectories * P.WRITER_CPU_PER_TRAJECTORY / 3600)
+    text = P.format_plan(plan)
+    assert f"head node: {cfg.shard_writers} unit-writer processes write each unit's shards" in text
+    assert not [w for w in plan.warnings if w.startswith("shard_writers")]
+
+    def edit(d: dict) -> None:  # stages that make ~1.1M trajectories an hour: 1 writer (~116K/hour) cannot follow
+        for stage in ("think", "draw_initial", "reflect", "draw_refined", "score"):
+            d[stage]["resources"]["items_per_second"] = 300.0
+        d["shard_writers"] = 1
+
+    fast = make_plan(load_build_config(str(_preset_copy(tmp_path, FORWARD, edit))))
+    behind = [w for w in fast.warnings if w.startswith("shard_writers: 1 write ~116,129 trajectories/hour")]
+    assert behind, fast.warnings
