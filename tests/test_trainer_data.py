@@ -340,6 +340,58 @@ def test_each_block_is_read_once_per_window_not_once_per_record(index: object, f
     assert 0 < item.block_reads <= 2 * math.ceil(n / 4), (item.block_reads, n)
 
 
+def test_loader_processes_die_with_a_killed_training_process(index: object, fmt: object, tmp_path: Path) -> None:
+    """SIGKILL the process that reads the loader: its loader processes must go too (an orphan keeps the inherited
+    sockets of a Ray worker open, so Ray never sees the worker die and the run hangs)."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from trainer.index import save_index
+    from trainer.tiny_janus import resolve_model
+
+    path = tmp_path / "index.json"
+    save_index(index, path, Path(index.entries[ALL[0]][0].file).parents[2])
+    script = f"""
+import time
+from trainer.data import PackDataset, PackLoader
+from trainer.index import janus_sequence_format
+fmt = janus_sequence_format({resolve_model("tiny:janus")!r})
+ds = PackDataset({str(path)!r}, fmt, {{"initial_full_learning": 1.0}}, 2048, 0, "1", rank=0, world_size=1, grad_accum=1)
+loader = PackLoader(ds, workers=2, prefetch=8)
+it = iter(loader)
+next(it)
+print(" ".join(str(w.pid) for w in loader._it._workers), flush=True)
+time.sleep(600)
+"""
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.Popen([sys.executable, "-c", script], cwd=root, stdout=subprocess.PIPE, text=True)
+    try:
+        pids = [int(x) for x in proc.stdout.readline().split()]
+        assert len(pids) == 2
+        time.sleep(1.0)  # let the loader processes fill their pipe
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        alive = pids
+        while alive and time.monotonic() < deadline:
+            alive = [p for p in pids if _running(p)]
+            time.sleep(0.1)
+        assert not alive, f"loader processes outlived their parent: {alive}"
+    finally:
+        proc.kill()
+
+
+def _running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except FileNotFoundError:
+        return False
+    return state not in ("Z", "X")
+
+
 def test_webdataset_and_parquet_give_the_same_records(
     dataset: Path, fmt: object, index: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:

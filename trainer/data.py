@@ -26,10 +26,14 @@ Condition dropout (for classifier-free guidance) is drawn per (seed, stage, reco
 from __future__ import annotations
 
 import base64
+import functools
 import hashlib
 import io
 import json
+import os
 import random
+import signal
+import sys
 import tarfile
 from array import array
 from collections import Counter, OrderedDict
@@ -825,8 +829,14 @@ class PackLoader:
             raise ValueError(f"streams ({dataset.streams}) must be a multiple of loader workers ({workers})")
         kwargs: dict[str, Any] = {"batch_size": None, "num_workers": workers, "collate_fn": _identity}
         if workers:
-            # Forked, so the processes share the index and the prepare function without pickling them.
-            kwargs.update(prefetch_factor=prefetch, persistent_workers=False, multiprocessing_context="fork")
+            # Forked, so the processes share the index and the prepare function without pickling them; and killed
+            # with this process (see _die_with_parent).
+            kwargs.update(
+                prefetch_factor=prefetch,
+                persistent_workers=False,
+                multiprocessing_context="fork",
+                worker_init_fn=functools.partial(_die_with_parent, os.getpid()),
+            )
         self.loader = torch.utils.data.DataLoader(_iterable_dataset(dataset), **kwargs)
         self._it: Any = None
 
@@ -848,6 +858,21 @@ class PackLoader:
 
 def _identity(item: Any) -> Any:
     return item
+
+
+def _die_with_parent(parent: int, worker_id: int) -> None:
+    """In a loader process: die with the process (the thread) that forked it, even when that one is SIGKILLed.
+
+    An orphaned loader process would keep the sockets it inherited open (a Ray worker's connection to its raylet),
+    so Ray would never see the training worker die and the run would hang instead of failing over; and it would
+    hang itself, writing packs into a pipe nobody reads.
+    """
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    if os.getppid() != parent:  # the parent died before prctl
+        os._exit(1)
 
 
 _BATCH_TENSORS = ("input_ids", "position_ids", "text_labels", "image_target", "mode_ids", "vit_positions",
