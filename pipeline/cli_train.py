@@ -14,7 +14,15 @@ def train_command(
     config: Path = typer.Option(..., "--config", "-c", help="Trainer config YAML (e.g. configs/train_tiny.yaml)."),
     data: Path = typer.Option(..., "--data", "-d", help="A built IRGL dataset (holds data/<mode>/ or wds/<mode>/)."),
     stage: str = typer.Option("all", "--stage", help="'1' (six modes), '2' (full modes, from stage 1) or 'all'."),
-    resume: bool = typer.Option(False, "--resume", help="Continue unfinished stages from their latest checkpoint."),
+    resume: bool = typer.Option(
+        False, "--resume", help="Continue unfinished stages from their latest checkpoint (or finish their export)."
+    ),
+    force_resume: bool = typer.Option(
+        False,
+        "--force-resume",
+        help="With --resume: continue even when the checkpoint was written with another number of workers, "
+        "grad_accum or data (refused otherwise: the data order would differ from an uninterrupted run).",
+    ),
     output: Path | None = typer.Option(None, "--output", "-o", help="Overrides output_dir of the config."),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address, e.g. 'auto'."),
 ) -> None:
@@ -38,7 +46,9 @@ def train_command(
     from trainer.train import TrainError, train
 
     try:
-        results = train(cfg, data, stage=stage, resume=resume, address=address)
+        results = train(
+            cfg, data, stage=stage, resume=resume or force_resume, address=address, force_resume=force_resume
+        )
     except TrainError as exc:
         typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(1) from None

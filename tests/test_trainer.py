@@ -7,6 +7,7 @@ Ray Train runs are the expensive part (~30-50 s each on 2 shared cores), so one 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -81,6 +82,19 @@ def _mode_of(record_id: str) -> str:
     return MODES[int(record_id.rsplit("_m", 1)[1]) - 1].name
 
 
+def _console_until(capfd: pytest.CaptureFixture, needle: str, timeout: float = 20.0) -> str:
+    """Everything printed so far (fd 1 and 2), waiting until `needle` shows up: Ray forwards worker output to the
+    driver's console asynchronously, so the last worker lines may arrive just after train() returned."""
+    seen = ""
+    deadline = time.monotonic() + timeout
+    while True:
+        out, err = capfd.readouterr()
+        seen += out + err
+        if needle in seen or time.monotonic() > deadline:
+            return seen
+        time.sleep(0.5)
+
+
 def test_training_lowers_text_and_image_loss(full_run: dict) -> None:
     out = full_run["out"]
     first = _metrics(out / "stage1" / "metrics.jsonl")[0]
@@ -117,7 +131,7 @@ def test_stage2_consumes_only_full_modes(full_run: dict) -> None:
 
 
 def test_killed_run_resumes_at_checkpoint_with_same_data_order(
-    full_run: dict, tiny_dataset: Path, tmp_path: Path
+    full_run: dict, tiny_dataset: Path, tmp_path: Path, capfd: pytest.CaptureFixture
 ) -> None:
     from trainer.train import TrainError, latest_checkpoint, train
 
@@ -132,11 +146,69 @@ def test_killed_run_resumes_at_checkpoint_with_same_data_order(
     with pytest.raises(TrainError, match="pass resume"):
         train(cfg, tiny_dataset, stage="1")
     resumed_cfg = _config(tmp_path)  # the same run, without the fault injection
+    capfd.readouterr()
     result = train(resumed_cfg, tiny_dataset, stage="1", resume=True)["1"]
     assert result.steps == STAGE1_STEPS
-    starts = [json.loads(x) for x in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
-    assert [s["step"] for s in starts] == [0, crash_at]
+    # Console: rank 0's progress line every log_every (5) steps of the resumed part, then where the export is.
+    console = _console_until(capfd, "exported to")
+    progress = [line for line in console.splitlines() if "stage 1 step " in line]
+    steps = {line.split("stage 1 step ", 1)[1].split()[0] for line in progress}
+    # (lines of the killed run's steps 5..20 may still arrive late from Ray's log forwarding: not counted; the
+    # capture may hold a line twice, once per stream Ray echoes it on)
+    assert sorted((x for x in steps if int(x.split("/")[0]) > crash_at), key=lambda x: int(x.split("/")[0])) == [
+        f"{s}/{STAGE1_STEPS}" for s in range(crash_at + 5, STAGE1_STEPS + 1, 5)
+    ], console
+    assert all(
+        "loss text " in line and " image " in line and "tokens/s" in line and "ETA " in line for line in progress
+    )
+    assert f"stage 1 finished: export in {tmp_path / 'stage1' / 'final'}" in console
+    assert f"exported to {tmp_path / 'stage1' / 'final'}" in console
+    events = [json.loads(x) for x in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines() if '"event"' in x]
+    assert [e["step"] for e in events if e["event"] == "start"] == [0, crash_at]
     after = _records(tmp_path / "stage1")
     assert sorted(after) == list(range(crash_at + 1, STAGE1_STEPS + 1))
     uninterrupted = _records(full_run["out"] / "stage1")
     assert {s: after[s] for s in after} == {s: uninterrupted[s] for s in after}
+
+
+def test_fsdp_crash_during_export_resumes_the_export_only(tiny_dataset: Path, tmp_path: Path) -> None:
+    """FSDP2 on 2 CPU workers (gloo), EMA on: DCP checkpoints hold one shard file per rank; a run killed in the
+    middle of the final export finishes it with resume (no step trained again); a resume with another world size,
+    grad accumulation or data order is refused, naming what changed."""
+    import re
+
+    import ray.train
+    from transformers import JanusForConditionalGeneration
+
+    from trainer.train import TrainError, latest_checkpoint, train
+
+    steps = 4
+    facts = {"stage1.steps": steps, "checkpoint_every": 2, "log_every": 2, "ray.strategy": "fsdp", "ema.enabled": True}
+    with pytest.raises(ray.train.TrainingFailedError):  # rank 0 is SIGKILLed between final/'s weights and marker
+        train(_config(tmp_path, fail_during_export=True, **facts), tiny_dataset, stage="1")
+    final = tmp_path / "stage1" / "final"
+    assert (final / "config.json").is_file() and not (final / "irgl_train.json").is_file()
+    ckpt = latest_checkpoint(_config(tmp_path, **facts), "1")
+    assert ckpt is not None and ckpt.name == f"step-{steps:08d}"
+    state = json.loads((ckpt / "irgl_state.json").read_text())
+    assert (state["step"], state["world_size"], state["grad_accum"], state["ema"]) == (steps, 2, 1, True)
+    assert state["files"] == ["__0_0.distcp", "__1_0.distcp"]  # each rank wrote (and reads back) its own shard
+    assert not list(ckpt.glob("*.pt"))  # no full model.pt / optimizer.pt any more
+
+    for overrides, what in (
+        ({"grad_accum": 2}, "grad_accum 1 -> 2"),
+        ({"ray.num_workers": 1}, "ray.num_workers 2 -> 1"),
+        ({"seed": 1}, "data fingerprint"),
+    ):
+        with pytest.raises(TrainError, match=re.escape(what) + ".*--force-resume"):
+            train(_config(tmp_path, **facts, **overrides), tiny_dataset, stage="1", resume=True)
+
+    result = train(_config(tmp_path, **facts), tiny_dataset, stage="1", resume=True)["1"]
+    assert result.steps == steps and (final / "irgl_train.json").is_file()
+    events = [json.loads(x) for x in (tmp_path / "stage1" / "metrics.jsonl").read_text().splitlines()]
+    assert [e["step"] for e in events if e.get("event") == "start"] == [0, steps]
+    assert [e["steps"] for e in events if e.get("event") == "end"] == [0]  # the resumed run only exported
+    raw = JanusForConditionalGeneration.from_pretrained(final).state_dict()
+    ema = JanusForConditionalGeneration.from_pretrained(tmp_path / "stage1" / "final_ema").state_dict()
+    key = "model.language_model.layers.0.mlp.up_proj.weight"
+    assert raw[key].dtype == ema[key].dtype and not raw[key].equal(ema[key])

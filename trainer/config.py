@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from schemas.config import load_yaml_model
 from schemas.modes import FULL_MODES, MODES_BY_NAME
@@ -55,10 +55,19 @@ class StageConfig(_Strict):
 
 
 class EmaConfig(_Strict):
-    """Exponential moving average of the weights (exported next to the raw weights as `final_ema/`)."""
+    """Exponential moving average of the weights (exported next to the raw weights as `final_ema/`).
 
-    enabled: bool = Field(False, description="Keep an EMA of the trainable weights (DDP only).")
-    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimiser step.")
+    Kept in float32 whatever the compute precision (a bf16 EMA freezes: its steps round to zero); under FSDP it is
+    sharded like the weights it follows.
+    """
+
+    enabled: bool = Field(False, description="Keep an EMA of the trainable weights.")
+    decay: float = Field(0.999, gt=0, lt=1, description="EMA decay per optimiser step (IRG's recipe: 0.995).")
+    stage2_from_ema: bool = Field(
+        True,
+        description="Stage 2 starts from stage 1's EMA export (final_ema/) when stage 1 kept one, as the official "
+        "IRG scripts do (--finetune_from_ema); False: from its raw weights (final/).",
+    )
 
 
 class ConditionDropoutConfig(_Strict):
@@ -103,7 +112,9 @@ class RayTrainConfig(_Strict):
         "auto", description="torch.distributed backend; auto = nccl with GPUs, gloo without."
     )
     strategy: Literal["ddp", "fsdp"] = Field(
-        "ddp", description="DDP (replicated weights) or FSDP (sharded weights, for models that do not fit a GPU)."
+        "ddp",
+        description="DDP (replicated weights) or FSDP (FSDP2 `fully_shard` per LM layer: float32 weights, "
+        "gradients and AdamW state sharded across workers, for models whose training state does not fit one GPU).",
     )
     max_failures: int = Field(
         0, ge=-1, description="Worker-group restarts Ray Train attempts (from the latest checkpoint) before failing."
@@ -175,10 +186,16 @@ class TrainConfig(_Strict):
 
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     betas: tuple[float, float] = Field((0.9, 0.95), description="AdamW betas.")
+    adam_eps: float = Field(1e-8, gt=0, description="AdamW epsilon (IRG's recipe: 1e-15).")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip the gradient norm to this (None: no clip).")
     text_loss_weight: float = Field(1.0, ge=0, description="Weight of the text cross-entropy in the total loss.")
     image_loss_weight: float = Field(1.0, ge=0, description="Weight of the image-token cross-entropy.")
-    precision: Literal["auto", "bf16", "fp32"] = Field("auto", description="auto = bf16 autocast on GPU, fp32 on CPU.")
+    precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto",
+        description="Compute precision: bf16 runs the forward/backward in bfloat16 (autocast; FSDP: bf16 "
+        "all-gathered params, fp32 gradient reduction) while weights, AdamW state and EMA stay float32; auto = "
+        "bf16 on GPU, fp32 on CPU.",
+    )
     freeze_vision: bool = Field(
         False, description="Freeze the understanding encoder (the VQ-VAE generation encoder is always frozen)."
     )
@@ -200,6 +217,11 @@ class TrainConfig(_Strict):
         description="Fault injection for crash/resume tests: every worker process is killed (SIGKILL) right "
         "after this step's checkpoint. Never set it in real runs.",
     )
+    fail_during_export: bool = Field(
+        False,
+        description="Fault injection for crash/resume tests: every worker is killed (SIGKILL) in the middle of the "
+        "final export (weights of final/ written, its completion marker not). Never set it in real runs.",
+    )
 
     @field_validator("stage2")
     @classmethod
@@ -208,12 +230,6 @@ class TrainConfig(_Strict):
         if extra:
             raise ValueError(f"stage 2 trains the full modes only ({', '.join(FULL_MODES)}); remove {extra}")
         return value
-
-    @model_validator(mode="after")
-    def _ema_ddp_only(self) -> TrainConfig:
-        if self.ema.enabled and self.ray.strategy == "fsdp":
-            raise ValueError("ema.enabled is supported with ray.strategy ddp only")
-        return self
 
     def stage(self, name: str) -> StageConfig:
         """The config of stage "1" or "2"."""

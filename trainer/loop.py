@@ -1,14 +1,18 @@
 """The per-worker training loop that Ray Train runs (one process per worker): one IRGL stage.
 
 Everything a worker needs arrives in `train_loop_config` (plain data); the loop loads the model through its
-adapter, wraps it for DDP or FSDP, regenerates the deterministic pack stream from its step, and trains.
+adapter in float32, wraps it for DDP or FSDP2 (bf16 compute, float32 master weights: see trainer/optim.py),
+regenerates the deterministic pack stream from its step, and trains. Checkpoints are torch.distributed.checkpoint
+(DCP) folders: each rank writes only its own shards (FSDP) or one copy of the replicated tensors is written
+(DDP), and each rank reads back only what it holds. After the last step every rank takes part in the export
+(rank 0 writes it), also when a run resumes from the final checkpoint because the export was interrupted.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
+import shutil
 import signal
 import tempfile
 import time
@@ -19,28 +23,30 @@ from schemas.modes import MODES
 
 STATE_FILE = "irgl_state.json"
 FINAL_MARKER = "irgl_train.json"
+CHECKPOINT_FORMAT = "dcp-1"
 _MODE_NAMES = {m.index: m.name for m in MODES}
 
 
-def _lr_lambda(stage: dict[str, Any]) -> Any:
-    warmup, steps, schedule, floor = stage["warmup_steps"], stage["steps"], stage["schedule"], stage["min_lr_ratio"]
-
-    def factor(step: int) -> float:
-        if warmup and step < warmup:
-            return (step + 1) / warmup
-        if schedule == "constant":
-            return 1.0
-        progress = (step - warmup) / max(1, steps - warmup)
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
-
-    return factor
+def read_state(path: str | Path | None) -> dict[str, Any] | None:
+    """The state file of a checkpoint folder when the checkpoint is complete (state written, every shard file
+    it lists present), else None. Folders of another checkpoint format count as incomplete."""
+    if not path:
+        return None
+    folder = Path(path)
+    state_file = folder / STATE_FILE
+    if not state_file.is_file():
+        return None
+    state = json.loads(state_file.read_text())
+    if state.get("format") != CHECKPOINT_FORMAT:
+        return None
+    if not all((folder / name).is_file() for name in [".metadata", *state["files"]]):
+        return None
+    return state
 
 
 def _checkpoint_step(path: str | None) -> int:
-    if not path:
-        return -1
-    state = Path(path) / STATE_FILE
-    return json.loads(state.read_text())["step"] if state.is_file() else -1
+    state = read_state(path)
+    return state["step"] if state is not None else -1
 
 
 class _Logger:
@@ -64,8 +70,8 @@ class _Logger:
                 except ImportError:  # tensorboard is optional
                     self.tb = None
 
-    def event(self, **data: Any) -> None:
-        for fh in (self.records, self.metrics):
+    def event(self, records: bool = True, **data: Any) -> None:
+        for fh in (self.records if records else None, self.metrics):
             if fh is not None:
                 fh.write(json.dumps(data) + "\n")
                 fh.flush()
@@ -96,17 +102,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     import ray.train
     import torch
     import torch.distributed as dist
-    from ray.train.torch import get_device, prepare_model
-    from torch.distributed.checkpoint.state_dict import (
-        StateDictOptions,
-        get_model_state_dict,
-        get_optimizer_state_dict,
-        set_model_state_dict,
-        set_optimizer_state_dict,
-    )
+    from ray.train.torch import get_device
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from trainer.data import ConditionDropout, PackDataset, PackLoader, steps_packs
     from trainer.model import load_adapter
+    from trainer.optim import Ema, autocast, compute_dtype, make_optimizer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -115,7 +116,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     torch.set_num_threads(cfg["ray"]["threads_per_worker"])
     torch.manual_seed(cfg["seed"])
     device = get_device()
-    use_bf16 = cfg["precision"] == "bf16" or (cfg["precision"] == "auto" and device.type == "cuda")
+    dtype = compute_dtype(cfg["precision"], device.type)
 
     adapter = load_adapter(cfg["adapter"], cfg["init_path"])
     adapter.freeze(vision=cfg["freeze_vision"])
@@ -126,28 +127,11 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     fmt = tokenizer_format(cfg["adapter"], cfg["init_path"])  # the adapter's format plus the pad id (CFG dropout)
 
     strategy = cfg["ray"]["strategy"]
-    if strategy == "fsdp":
-        from functools import partial
-
-        from torch.distributed.fsdp.wrap import transformer_auto_wrap_policy
-
-        layer_cls = {type(layer) for layer in adapter.module.janus.model.language_model.layers}
-        kwargs = {"auto_wrap_policy": partial(transformer_auto_wrap_policy, transformer_layer_cls=layer_cls)}
-        kwargs["use_orig_params"] = True  # frozen (VQ-VAE) and trainable parameters live side by side
-        model = prepare_model(adapter.module, parallel_strategy="fsdp", parallel_strategy_kwargs=kwargs)
-    else:
-        # Unused parameters per pack are normal here (no understanding image, no image target, ...).
-        model = prepare_model(
-            adapter.module, parallel_strategy="ddp", parallel_strategy_kwargs={"find_unused_parameters": True}
-        )
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=stage["lr"], betas=tuple(cfg["betas"]), weight_decay=cfg["weight_decay"])
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(stage))
+    model = _wrap(adapter.module, strategy, device, dtype, world)
     unwrapped = model.module if hasattr(model, "module") else model
-    ema: dict[str, torch.Tensor] | None = None
-    if cfg["ema"]["enabled"]:
-        ema = {n: p.detach().clone() for n, p in unwrapped.named_parameters() if p.requires_grad}
-    full = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer, scheduler = make_optimizer(params, cfg, stage)
+    ema = Ema(unwrapped.named_parameters(), cfg["ema"]["decay"]) if cfg["ema"]["enabled"] else None
 
     # Resume: the newer of Ray's latest registered checkpoint (a restart inside this run) and the one the driver
     # found on disk (a new run after a crash, which Ray may not have registered before dying).
@@ -159,21 +143,12 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         candidates.append(ray_dir_ctx.__enter__())
     best = max(candidates, key=_checkpoint_step)
     if _checkpoint_step(best) >= 0:
-        ckpt_dir = Path(best)  # type: ignore[arg-type]
-        state = json.loads((ckpt_dir / STATE_FILE).read_text())
-        model_sd = torch.load(ckpt_dir / "model.pt", map_location="cpu", weights_only=True)
-        set_model_state_dict(model, model_sd, options=StateDictOptions(full_state_dict=True))
-        optim_sd = torch.load(ckpt_dir / "optimizer.pt", map_location="cpu", weights_only=False)
-        set_optimizer_state_dict(model, optimizer, optim_sd, options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(state["scheduler"])
-        if ema is not None and (ckpt_dir / "ema.pt").is_file():
-            ema = {k: v.to(device) for k, v in torch.load(ckpt_dir / "ema.pt", weights_only=True).items()}
-        start_step = state["step"]
+        start_step, ema = _load_checkpoint(Path(best), model, optimizer, scheduler, ema, unwrapped)  # type: ignore[arg-type]
     if ray_dir_ctx is not None:
         ray_dir_ctx.__exit__(None, None, None)
 
     log = _Logger(stage_dir, rank, cfg)
-    log.event(event="start", stage=stage_name, step=start_step, rank=rank, world_size=world)
+    log.event(event="start", stage=stage_name, step=start_step, rank=rank, world_size=world, t=time.time())
     weights = {m: w for m, w in stage["modes"].items() if w > 0}
     # The streaming reader: loader processes read whole blocks of this worker's streams, parse, tokenize, drop
     # conditions, collate and preprocess images ahead of the loop; packs arrive in plan order (checked per step).
@@ -206,18 +181,22 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     # Per mode number: text loss sum, text tokens, image loss sum, image tokens (summed over ranks at log time).
     stats = torch.zeros((7, 4), dtype=torch.float64)
     tokens_seen = 0
-    t0 = time.perf_counter()
+    totals = {"tokens": 0, "train_s": 0.0, "checkpoint_s": 0.0}
+    run_t0 = t0 = time.perf_counter()
     accum = cfg["grad_accum"]
     model.train()
     for step in range(start_step, stage["steps"]):
+        step_t0 = time.perf_counter()
         step_items = steps_packs(packs, accum, step)
         step_packs = [item.pack for item in step_items]
         for k, item in enumerate(step_items):
             batch = item.batch
             tensors = {name: t.to(device) for name, t in item.tensors.items()}
-            sync = k == accum - 1 or strategy == "fsdp"
+            sync = k == accum - 1
+            if strategy == "fsdp":
+                model.set_requires_gradient_sync(sync)  # reduce-scatter once per optimiser step
             ctx_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _nullcontext()
-            with ctx_sync, torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            with ctx_sync, autocast(device.type, dtype):
                 out = model(**tensors)
                 text = out["text_loss"].sum() / max(1, out["text_loss"].numel())
                 image = out["image_loss"].sum() / max(1, out["image_loss"].numel())
@@ -229,19 +208,14 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                     stats[:, col].index_add_(0, modes, losses)
                     stats[:, col + 1].index_add_(0, modes, torch.ones_like(losses))
             tokens_seen += batch.num_tokens
+            totals["tokens"] += batch.num_tokens
         if cfg["max_grad_norm"]:
-            if hasattr(model, "clip_grad_norm_"):
-                model.clip_grad_norm_(cfg["max_grad_norm"])
-            else:
-                torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
+            torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         if ema is not None:
-            with torch.no_grad():
-                for n, p in unwrapped.named_parameters():
-                    if n in ema:
-                        ema[n].lerp_(p.detach(), 1 - cfg["ema"]["decay"])
+            ema.update(unwrapped.named_parameters())
         done = step + 1
         log.step_records(
             done, [{"pack": p.index, "ids": [e.id for e in p.entries], "tokens": p.tokens} for p in step_packs]
@@ -253,60 +227,188 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             if dist.is_initialized():
                 dist.all_reduce(reduced)
                 dist.all_reduce(counts)
-            elapsed = time.perf_counter() - t0
-            metrics = _metrics(reduced, scheduler.get_last_lr()[0], counts.item() / max(elapsed, 1e-9))
+            now = time.perf_counter()
+            metrics = _metrics(reduced, scheduler.get_last_lr()[0], counts.item() / max(now - t0, 1e-9))
             log.scalars(done, metrics)
+            if rank == 0:
+                eta = (now - run_t0) / (done - start_step) * (stage["steps"] - done)
+                print(progress_line(stage_name, done, stage["steps"], metrics, eta), flush=True)
             stats.zero_()
             tokens_seen, t0 = 0, time.perf_counter()
+        totals["train_s"] += time.perf_counter() - step_t0
         if done % cfg["checkpoint_every"] == 0 or last:
-            model_sd = get_model_state_dict(model, options=full)
-            optim_sd = get_optimizer_state_dict(model, optimizer, options=full)
-            with tempfile.TemporaryDirectory(prefix="irgl-ckpt-") as tmp:
-                checkpoint = None
-                if rank == 0:
-                    torch.save(model_sd, Path(tmp) / "model.pt")
-                    torch.save(optim_sd, Path(tmp) / "optimizer.pt")
-                    if ema is not None:
-                        torch.save({k: v.cpu() for k, v in ema.items()}, Path(tmp) / "ema.pt")
-                    state = {"step": done, "stage": stage_name, "scheduler": scheduler.state_dict()}
-                    (Path(tmp) / STATE_FILE).write_text(json.dumps(state))
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(
-                    {"step": done, "stage": stage_name},
-                    checkpoint=checkpoint,
-                    checkpoint_dir_name=f"step-{done:08d}",
-                )
+            ckpt_t0 = time.perf_counter()
+            _save_checkpoint(model, optimizer, scheduler, ema, rank, world, cfg, done)
+            totals["checkpoint_s"] += time.perf_counter() - ckpt_t0
             if cfg.get("fail_after_step") == done:
                 log.close()
                 os.kill(os.getpid(), signal.SIGKILL)  # fault injection: a hard kill, no clean-up
-            if last:
-                _export(adapter, model_sd, ema, stage_dir, rank, cfg, done)
-    loader.close()
+    loader.close()  # the loader processes end here (their memory is free for the export)
+
+    # The export: after the last step, or straight away when resuming from the final checkpoint (a run that died
+    # while exporting). Every rank takes part in gathering the full weights; rank 0 writes them.
+    export_t0 = time.perf_counter()
+    model_sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    keep = rank == 0
+    ema_sd = {n: t for n, t in ema.full_state_dict(keep=keep)} if ema is not None else None
+    final_dirs = _export(adapter, model_sd, ema_sd, stage_dir, rank, cfg, stage["steps"]) if keep else []
+    total = torch.tensor([totals["tokens"]], dtype=torch.float64)
+    if dist.is_initialized():
+        dist.all_reduce(total)
+    log.event(
+        records=False,
+        event="end",
+        stage=stage_name,
+        steps=stage["steps"] - start_step,
+        tokens=int(total.item()),
+        train_s=totals["train_s"],
+        checkpoint_s=totals["checkpoint_s"],
+        export_s=time.perf_counter() - export_t0,
+        t=time.time(),
+    )
+    if rank == 0:
+        where = ", ".join(str(d) for d in final_dirs)
+        print(f"stage {stage_name}: {stage['steps']} steps done; exported to {where}", flush=True)
     log.close()
     if dist.is_initialized():
         dist.barrier()
 
 
+def _wrap(module: Any, strategy: str, device: Any, dtype: Any, world: int) -> Any:
+    """DDP (float32 weights, autocast does the bf16 compute) or FSDP2 (`fully_shard` per LM decoder layer and on
+    the root: float32 sharded weights, bf16 all-gathered params when computing in bf16, float32 reductions)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    module.to(device)
+    if strategy == "fsdp":
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+        mesh = init_device_mesh(device.type, (world,))
+        mp = MixedPrecisionPolicy(param_dtype=None if dtype == torch.float32 else dtype, reduce_dtype=torch.float32)
+        for layer in module.janus.model.language_model.layers:
+            fully_shard(layer, mesh=mesh, mp_policy=mp)
+        fully_shard(module, mesh=mesh, mp_policy=mp)  # frozen (VQ-VAE) and trainable parameters side by side
+        return module
+    if world > 1:
+        from torch.nn.parallel import DistributedDataParallel
+
+        kwargs: dict[str, Any] = {"find_unused_parameters": True}  # no understanding image, no image target, ...
+        if device.type == "cuda":
+            kwargs.update(device_ids=[device], output_device=device)
+        return DistributedDataParallel(module, **kwargs)
+    return module
+
+
+def _save_checkpoint(
+    model: Any, optimizer: Any, scheduler: Any, ema: Any, rank: int, world: int, cfg: dict[str, Any], step: int
+) -> None:
+    """A DCP checkpoint reported to Ray Train: every rank writes its part into its own temporary folder and Ray
+    uploads them all into `step-NNNNNNNN/`; rank 0 adds the state file (step, schedule, run facts, shard list)."""
+    import ray.train
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict import get_model_state_dict, get_optimizer_state_dict
+
+    state_dict = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    if ema is not None:
+        state_dict["ema"] = ema.shadow
+    with tempfile.TemporaryDirectory(prefix="irgl-ckpt-") as tmp:
+        dcp.save(state_dict, checkpoint_id=tmp)
+        checkpoint = None
+        if rank == 0:
+            metadata = FileSystemReader(tmp).read_metadata()
+            files = sorted({info.relative_path for info in metadata.storage_data.values()})
+            state = {
+                "format": CHECKPOINT_FORMAT,
+                "step": step,
+                "stage": cfg["stage_name"],
+                "scheduler": scheduler.state_dict(),
+                "ema": ema is not None,
+                "files": files,
+                **run_facts(cfg, world),
+            }
+            (Path(tmp) / STATE_FILE).write_text(json.dumps(state, sort_keys=True))
+        if any(Path(tmp).iterdir()):
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(
+            {"step": step, "stage": cfg["stage_name"]}, checkpoint=checkpoint, checkpoint_dir_name=f"step-{step:08d}"
+        )
+
+
+def run_facts(cfg: dict[str, Any], world: int) -> dict[str, Any]:
+    """What a resumed run must share with the checkpoint to continue the same data order (the driver checks)."""
+    return {"world_size": world, "grad_accum": cfg["grad_accum"], "data_fingerprint": cfg.get("data_fingerprint")}
+
+
+def _load_checkpoint(
+    ckpt_dir: Path, model: Any, optimizer: Any, scheduler: Any, ema: Any, unwrapped: Any
+) -> tuple[int, Any]:
+    """Load a DCP checkpoint in place (each rank reads what it holds; DCP reshards for another world size)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import (
+        get_model_state_dict,
+        get_optimizer_state_dict,
+        set_model_state_dict,
+        set_optimizer_state_dict,
+    )
+
+    from trainer.optim import Ema
+
+    state = json.loads((ckpt_dir / STATE_FILE).read_text())
+    state_dict = {"model": get_model_state_dict(model), "optim": get_optimizer_state_dict(model, optimizer)}
+    if ema is not None and state["ema"]:
+        state_dict["ema"] = ema.shadow
+    dcp.load(state_dict, checkpoint_id=str(ckpt_dir))
+    set_model_state_dict(model, state_dict["model"])
+    set_optimizer_state_dict(model, optimizer, state_dict["optim"])
+    scheduler.load_state_dict(state["scheduler"])
+    if ema is not None and not state["ema"]:  # EMA switched on for a run whose checkpoint has none: start it here
+        ema = Ema(unwrapped.named_parameters(), ema.decay)
+    return state["step"], ema
+
+
+def progress_line(stage: str, done: int, total: int, metrics: dict[str, Any], eta_s: float) -> str:
+    """The console line rank 0 prints every `log_every` steps."""
+
+    def loss(key: str) -> str:
+        return f"{metrics[key]:.4f}" if key in metrics else "-"
+
+    eta = int(round(eta_s))
+    return (
+        f"stage {stage} step {done}/{total} | loss text {loss('text_loss')} image {loss('image_loss')} | "
+        f"{metrics['tokens_per_s']:,.0f} tokens/s | ETA {eta // 3600}:{eta % 3600 // 60:02d}:{eta % 60:02d}"
+    )
+
+
 def _export(
     adapter: Any,
     model_sd: dict[str, Any],
-    ema: dict[str, Any] | None,
+    ema_sd: dict[str, Any] | None,
     stage_dir: Path,
     rank: int,
     cfg: dict[str, Any],
     step: int,
-) -> None:
-    """Rank 0 writes `final/` (and `final_ema/`) with save_pretrained; the marker goes last (export complete)."""
-    if rank != 0:
-        return
-    exports = {"final": model_sd}
-    if ema is not None:
-        exports["final_ema"] = {**model_sd, **{k: v.cpu() for k, v in ema.items()}}
+) -> list[Path]:
+    """Rank 0 writes `final_ema/` (when kept), then `final/`, with save_pretrained; each folder's completion marker
+    goes last, and `final/`'s marker (what the driver checks) after everything. Returns the folders written."""
+    exports: dict[str, dict[str, Any]] = {}
+    if ema_sd is not None:
+        exports["final_ema"] = {**model_sd, **ema_sd}
+    exports["final"] = model_sd
+    written = []
     for name, sd in exports.items():
         target = stage_dir / name
+        shutil.rmtree(target, ignore_errors=True)  # what an interrupted export left
         adapter.save_pretrained(target, state_dict=sd)
+        if name == "final" and cfg.get("fail_during_export"):
+            os.kill(os.getpid(), signal.SIGKILL)  # fault injection: weights written, marker not
         marker = {"stage": cfg["stage_name"], "steps": step, "init": cfg["init_path"], "model": cfg["model"]}
         (target / FINAL_MARKER).write_text(json.dumps(marker, sort_keys=True))
+        written.append(target)
+    return written[::-1]
 
 
 def _metrics(stats: Any, lr: float, tokens_per_s: float) -> dict[str, Any]:

@@ -111,16 +111,28 @@ def _janus_module_class() -> type:
             input_ids = b["input_ids"]
             embeds = inner.get_input_embeddings()(input_ids)[0]
             image_labels = torch.full_like(input_ids[0], -100)
+            # A pack without understanding (or generation) images still runs that branch, on an empty batch: every
+            # trainable weight then gets a gradient (zero) on every rank, which FSDP needs (it reduces the gradients
+            # of a whole parameter group at once and the ranks' groups must match), for free.
             if b["vit_positions"].numel():
-                # Under autocast the encoder's output is bf16 while the embedding lookup stays float32.
-                feats = self.encode_understanding(b["vit_pixels"].to(embeds.dtype)).to(embeds.dtype)
+                pixels = b["vit_pixels"].to(embeds.dtype)
+            else:
+                size = self.janus.config.vision_config.image_size
+                pixels = embeds.new_zeros((0, 3, size, size))
+            # Under autocast the encoder's output is bf16 while the embedding lookup stays float32.
+            feats = self.encode_understanding(pixels).to(embeds.dtype)
+            if feats.shape[0]:
                 embeds = embeds.index_put((b["vit_positions"].reshape(-1),), feats.reshape(-1, embeds.shape[-1]))
+            else:
+                embeds = embeds + feats.sum()  # adds 0 and connects the encoder to the loss
             if b["gen_positions"].numel():
                 codes = self.image_to_generation_tokens(b["gen_pixels"])
                 gen = self.generation_embeddings(codes).to(embeds.dtype)
                 flat = b["gen_positions"].reshape(-1)
                 embeds = embeds.index_put((flat,), gen.reshape(-1, embeds.shape[-1]))
                 image_labels[flat] = codes.reshape(-1)
+            else:
+                embeds = embeds + self.generation_embeddings(input_ids.new_zeros((0, 1))).to(embeds.dtype).sum()
             image_labels = torch.where(b["image_target"][0], image_labels, torch.full_like(image_labels, -100))
             hidden = inner.language_model(
                 inputs_embeds=embeds.unsqueeze(0), position_ids=b["position_ids"], use_cache=False

@@ -1,13 +1,17 @@
 """The driver: `train(config, data_dir, stage, resume)` runs IRGL stage 1 then stage 2 on Ray Train.
 
-Stage 2 starts from stage 1's export. Each stage is its own Ray Train run (`<output_dir>/ray/stage<N>/`, checkpoints
-`step-NNNNNNNN/`); its logs and export live in `<output_dir>/stage<N>/`. A finished stage (its `final/` export
-holds the completion marker) is never trained again; an interrupted one continues from its latest checkpoint
-with `resume=True`, at the same data position.
+Stage 2 starts from stage 1's export (its EMA export when stage 1 kept one and `ema.stage2_from_ema`). Each stage
+is its own Ray Train run (`<output_dir>/ray/stage<N>/`, DCP checkpoints `step-NNNNNNNN/`); its logs and export live
+in `<output_dir>/stage<N>/`. A finished stage (its `final/` export holds the completion marker) is never trained
+again; an interrupted one continues from its latest checkpoint with `resume=True`, at the same data position, and a
+run that died while exporting finishes the export. A checkpoint records the world size, the gradient accumulation
+and a fingerprint of the data; resuming with other values would change the data order, so it is refused unless
+`force_resume=True`.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -16,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config import TrainConfig, load_train_config
-from trainer.loop import FINAL_MARKER, STATE_FILE
+from trainer.loop import FINAL_MARKER, read_state
 
 # Environment the workers need (offline Hub, tiny model cache), passed on when the driver starts Ray itself.
 _WORKER_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "IRGL_TINY_DIR",
@@ -50,16 +54,58 @@ def _storage(cfg: TrainConfig) -> str:
 
 
 def latest_checkpoint(cfg: TrainConfig, stage: str) -> Path | None:
-    """The complete checkpoint with the highest step of a stage's Ray run (complete = holds the state file)."""
+    """The complete checkpoint with the highest step of a stage's Ray run (complete = its state file and every
+    shard file the state file lists are there: a crash during the upload leaves an incomplete one)."""
     run = Path(_storage(cfg)) / f"stage{stage}"
     best, best_step = None, -1
     for ckpt in run.glob("step-*"):
-        state = ckpt / STATE_FILE
-        if state.is_file() and (ckpt / "model.pt").is_file():
-            step = json.loads(state.read_text())["step"]
-            if step > best_step:
-                best, best_step = ckpt, step
+        state = read_state(ckpt)
+        if state is not None and state["step"] > best_step:
+            best, best_step = ckpt, state["step"]
     return best
+
+
+MANIFEST = "manifest.json"  # written last by the dataset build (pipeline/card.py's MANIFEST_NAME)
+
+
+def data_fingerprint(cfg: TrainConfig, data_dir: Path, stage: str) -> str:
+    """What fixes a stage's data order: the dataset (its manifest's sha256, or the shard files' names and sizes
+    when it has no manifest), the format, the stage's modes and weights, the seed, the token budget and the model
+    (whose tokenizer measures the records)."""
+    manifest = data_dir / MANIFEST
+    if manifest.is_file():
+        dataset = hashlib.sha256(manifest.read_bytes()).hexdigest()
+    else:
+        root = data_dir / ("data" if cfg.data_format == "parquet" else "wds")
+        files = sorted(f"{f.relative_to(root)}:{f.stat().st_size}" for f in root.rglob("*") if f.is_file())
+        dataset = hashlib.sha256("\n".join(files).encode()).hexdigest()
+    facts = {
+        "dataset": dataset,
+        "data_format": cfg.data_format,
+        "modes": cfg.stage(stage).active_modes(),
+        "seed": cfg.seed,
+        "token_budget": cfg.token_budget,
+        "model": cfg.model,
+    }
+    return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
+
+
+def check_resume(cfg: TrainConfig, stage: str, checkpoint: Path, fingerprint: str) -> list[str]:
+    """How this run differs from the one that wrote `checkpoint` in what fixes the data order (empty: none)."""
+    state = read_state(checkpoint) or {}
+    now = {"world_size": cfg.ray.num_workers, "grad_accum": cfg.grad_accum, "data_fingerprint": fingerprint}
+    names = {"world_size": "ray.num_workers", "grad_accum": "grad_accum", "data_fingerprint": "data fingerprint"}
+    diffs = []
+    for key, value in now.items():
+        if state.get(key) != value:
+            was, is_ = state.get(key), value
+            if key == "data_fingerprint":
+                was, is_ = str(was)[:12], value[:12]
+                detail = " (dataset, data_format, stage modes/weights, seed, token_budget or model changed)"
+            else:
+                detail = ""
+            diffs.append(f"{names[key]} {was} -> {is_}{detail}")
+    return diffs
 
 
 def _is_done(path: Path) -> bool:
@@ -82,11 +128,14 @@ def train(
     resume: bool = False,
     *,
     address: str | None = None,
+    force_resume: bool = False,
 ) -> dict[str, StageResult]:
     """Run stage "1", "2" or "all" (1 then 2) on the built dataset `data_dir`; return each stage's result.
 
     Without `resume`, a stage that already has checkpoints is refused (nothing is overwritten silently); with it,
-    each unfinished stage continues from its latest checkpoint and finished stages are kept as they are.
+    each unfinished stage continues from its latest checkpoint (or only finishes its export) and finished stages are
+    kept as they are. A checkpoint written with another world size, gradient accumulation or data is refused unless
+    `force_resume` (then the data order from there on differs from an uninterrupted run).
     """
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -111,7 +160,8 @@ def train(
             stage1_final = stage_dir(cfg, "1") / "final"
             if not _is_done(stage1_final):
                 raise TrainError(f"stage 2 starts from stage 1's export, but {stage1_final} is not complete")
-            init = str(stage1_final)
+            stage1_ema = stage_dir(cfg, "1") / "final_ema"
+            init = str(stage1_ema if cfg.ema.stage2_from_ema and _is_done(stage1_ema) else stage1_final)
         else:
             init = model_path
         if _is_done(final):
@@ -122,6 +172,16 @@ def train(
         resume_dir = latest_checkpoint(cfg, name)
         if resume_dir is not None and not resume:
             raise TrainError(f"stage {name} has checkpoints under {resume_dir.parent}; pass resume to continue")
+        fingerprint = data_fingerprint(cfg, data_dir, name)
+        if resume and resume_dir is not None:
+            diffs = check_resume(cfg, name, resume_dir, fingerprint)
+            if diffs and not force_resume:
+                raise TrainError(
+                    f"stage {name}: checkpoint {resume_dir} was written by a run with other settings: "
+                    f"{'; '.join(diffs)}. Resuming would change the data order; resume with the checkpoint's "
+                    "settings, or pass --force-resume to continue anyway (the data order after the checkpoint then "
+                    "differs from an uninterrupted run)."
+                )
         if not resume:
             # A fresh run: clear what an earlier, checkpoint-less attempt may have left (logs, Ray's run state).
             shutil.rmtree(sdir, ignore_errors=True)
@@ -153,6 +213,7 @@ def train(
             stage_dir=str(sdir),
             init_path=init,
             resume_dir=str(resume_dir) if (resume and resume_dir) else None,
+            data_fingerprint=fingerprint,
             index=str(indexed.path),
         )
         backend = cfg.ray.backend if cfg.ray.backend != "auto" else ("nccl" if cfg.ray.use_gpu else "gloo")
@@ -175,6 +236,8 @@ def train(
         trainer.fit()
         if not _is_done(final):
             raise TrainError(f"stage {name} ended without its export {final}")
+        ema_note = f" (EMA: {sdir / 'final_ema'})" if _is_done(sdir / "final_ema") else ""
+        print(f"stage {name} finished: export in {final}{ema_note}; metrics in {sdir / 'metrics.jsonl'}", flush=True)
         results[name] = _result(name, sdir, index.counts(), dict(index.skipped), index.skipped_ids)
     return results
 
