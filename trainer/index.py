@@ -146,10 +146,20 @@ def index_key(data_dir: Path | str, modes: list[str], fmt: SequenceFormat, token
 # Building (serial or parallel), saving, loading
 
 
-def _index_task(task: tuple[str, str, str, FormatSource | SequenceFormat, int]) -> tuple[list[Entry], list]:
+def _index_task(task: tuple[str, str, str, FormatSource | SequenceFormat, int]) -> tuple[list[Entry], list, float]:
+    """One file's (entries, skips, wall-clock time when its work started)."""
     path, mode, data_format, source, token_budget = task
     fmt = source if isinstance(source, SequenceFormat) else source.load()
-    return index_file(path, mode, data_format, fmt, token_budget)
+    started = time.time()
+    entries, skips = index_file(path, mode, data_format, fmt, token_budget)
+    return entries, skips, started
+
+
+def _start_process(source: FormatSource) -> None:
+    """Start-up of an index process: the imports and the tokenizer, once, before its first file."""
+    import pyarrow.parquet  # noqa: F401
+
+    source.load()
 
 
 @dataclass
@@ -162,6 +172,7 @@ class IndexResult:
     cached: bool  # True: read from the cache
     seconds: float  # wall time of building or reading it
     jobs: int  # processes that built it (0 when read from the cache)
+    startup_s: float = 0.0  # of `seconds`: starting the processes (spawn, imports, tokenizer) up to the first file
 
 
 def cached_index(
@@ -197,19 +208,22 @@ def cached_index(
         for f in _checked_files(data_dir, mode, data_format)
     ]
     jobs = min(jobs or os.cpu_count() or 1, len(tasks), 16)
+    t_start = time.time()
     if jobs <= 1:
         results = [_index_task((p, m, d, fmt, b)) for p, m, d, _, b in tasks]
     else:
         import multiprocessing
 
         # spawn: the driver may hold Ray's threads; a fresh interpreter per process is the safe start.
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(jobs, mp_context=context, initializer=_start_process, initargs=(source,)) as pool:
             results = list(pool.map(_index_task, tasks, chunksize=1))
     index = DataIndex(entries={m: [] for m in modes})
-    for (_, mode, _, _, _), (entries, skips) in zip(tasks, results, strict=True):
+    for (_, mode, _, _, _), (entries, skips, _) in zip(tasks, results, strict=True):
         merge_file_index(index, mode, entries, skips)
     save_index(index, path, data_dir, key)
-    return IndexResult(index, path, key, False, time.perf_counter() - t0, jobs)
+    startup = max(0.0, min(r[2] for r in results) - t_start)
+    return IndexResult(index, path, key, False, time.perf_counter() - t0, jobs, startup)
 
 
 def save_index(index: DataIndex, path: Path | str, data_dir: Path | str, key: str = "") -> None:

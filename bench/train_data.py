@@ -1,0 +1,214 @@
+"""Benchmark: the trainer's data path, side by side in one run (total work / total time, start-up apart).
+
+    python bench/train_data.py [--trajectories 2000] [--size 256] [--rounds 2] [--steps 60]
+
+1. Reader: records/s of the training reader (`PackLoader`: block-shuffled streams, mixing, packing, collation;
+   in this process and with 1 and 2 loader processes) vs a raw sequential pyarrow scan of the same Parquet shards
+   with the same decoding per record (JSON with image contents split out, base64 -> bytes, tokenize into
+   segments). Both run `--rounds` times in rotated order; start-up (loader processes forked, first pack) is timed
+   apart. Goal: reader / raw >= 0.8x.
+2. Data wait: the share of step time a CPU training loop (tiny Janus, 1 thread, AdamW) spends waiting for the
+   loader, which prepares images in its processes (goal < 5%).
+3. Index: build time per 10,000 records with 1 and 2 processes (`cached_index`, fresh cache each); start-up apart
+   (1 process: loading the tokenizer; 2: spawning the processes up to their first file).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Run as `python bench/train_data.py`, this folder comes first on sys.path, where bench/pipeline.py would shadow
+# the package: take the folder off the path.
+_HERE = Path(__file__).resolve().parent
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _HERE]
+sys.path.insert(0, str(_HERE.parent))
+
+STAGE1 = None  # filled in main (needs schemas)
+
+
+def raw_scan(data: Path, fmt: object, modes: list[str]) -> int:
+    """Sequential pyarrow scan of every shard of `modes`, decoding each record as the reader does."""
+    import pyarrow.parquet as pq
+
+    from trainer.data import encode_conversation, mode_files, parse_parquet_conversation
+
+    n = 0
+    for mode in modes:
+        for path in mode_files(data, mode, "parquet"):
+            for batch in pq.ParquetFile(path).iter_batches(batch_size=64, columns=["id", "conversation"]):
+                for rid, conversation in zip(batch.column(0).to_pylist(), batch.column(1).to_pylist(), strict=True):
+                    turns, resolve = parse_parquet_conversation(conversation, check=False)
+                    encode_conversation(turns, fmt, record_id=rid, mode=mode, resolve=resolve)
+                    n += 1
+    return n
+
+
+def reader_run(index: object, fmt: object, records: int, workers: int, budget: int) -> tuple[float, float, int]:
+    """(start-up s, steady s, records) of PackLoader reading at least `records` records after its first pack."""
+    from trainer.data import ConditionDropout, PackDataset, PackLoader
+
+    ds = PackDataset(
+        index, fmt, STAGE1, budget, 0, "1", rank=0, world_size=1, grad_accum=1, streams=2,
+        dropout=ConditionDropout(text=0.1, gen_image=0.3),
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    with PackLoader(ds, workers=workers, prefetch=4) as loader:
+        it = iter(loader)
+        next(it)
+        t1 = time.perf_counter()
+        n = 0
+        while n < records:
+            n += len(next(it).pack.entries)
+        t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, n
+
+
+def data_wait(index: object, model_path: str, steps: int, workers: int, budget: int) -> dict[str, float]:
+    """A CPU training loop on the loader: seconds waiting for packs vs total step seconds (after 5 warm-up steps)."""
+    import torch
+
+    from trainer.data import ConditionDropout, PackDataset, PackLoader, steps_packs
+    from trainer.index import janus_sequence_format
+    from trainer.model import load_adapter
+
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    adapter = load_adapter("janus", model_path)
+    adapter.freeze(vision=False)
+    fmt = janus_sequence_format(model_path)
+    model = adapter.module
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+    ds = PackDataset(
+        index, fmt, STAGE1, budget, 0, "1", rank=0, world_size=1, grad_accum=1, streams=2,
+        dropout=ConditionDropout(text=0.1, gen_image=0.3), prepare=adapter.batch_tensors,
+    )  # fmt: skip
+    warmup = 5
+    wait = total = 0.0
+    tokens = 0
+    t_start = time.perf_counter()
+    with PackLoader(ds, workers=workers, prefetch=2) as loader:
+        packs = iter(loader)
+        startup = 0.0
+        for step in range(warmup + steps):
+            t0 = time.perf_counter()
+            (item,) = steps_packs(packs, 1, step)
+            t1 = time.perf_counter()
+            if step == 0:
+                startup = t1 - t_start
+            out = model(**item.tensors)
+            loss = out["text_loss"].mean() + (out["image_loss"].mean() if out["image_loss"].numel() else 0)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            t2 = time.perf_counter()
+            if step >= warmup:
+                wait += t1 - t0
+                total += t2 - t0
+                tokens += item.batch.num_tokens
+    return {"wait_s": wait, "step_s": total, "share": wait / total, "tokens_per_s": tokens / total, "startup": startup}
+
+
+def index_runs(data: Path, modes: list[str], model_path: str, budget: int, tmp: Path) -> list[dict[str, float]]:
+    """cached_index with 1 and 2 processes into fresh caches. Start-up apart: for 1 process, loading the tokenizer
+    here; for 2, spawning the processes up to the first file (imports, tokenizer), as cached_index measures it."""
+    from trainer.index import FormatSource, cached_index, janus_sequence_format
+
+    source = FormatSource("janus", model_path)
+    rows = []
+    for jobs in (1, 2):
+        t0 = time.perf_counter()
+        fmt = janus_sequence_format(model_path)
+        load = time.perf_counter() - t0
+        result = cached_index(data, modes, source, budget, "parquet", tmp / f"index-{jobs}", jobs=jobs, fmt=fmt)
+        n = sum(result.index.counts().values()) + sum(result.index.skipped.values())
+        startup = load if jobs == 1 else result.startup_s
+        work = result.seconds - (0.0 if jobs == 1 else result.startup_s)
+        rows.append({"jobs": jobs, "records": n, "work_s": work, "startup_s": startup})
+    return rows
+
+
+def main() -> None:
+    global STAGE1
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trajectories", type=int, default=2000)
+    parser.add_argument("--size", type=int, default=256, help="image side in pixels (PNG)")
+    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=60, help="training steps of the data-wait run")
+    parser.add_argument("--budget", type=int, default=4096)
+    args = parser.parse_args()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    from pipeline.shards import write_dataset
+    from pipeline.synthetic import synthetic_trajectories
+    from schemas.modes import MODES
+    from trainer.data import build_index
+    from trainer.index import janus_sequence_format
+    from trainer.tiny_janus import resolve_model
+
+    STAGE1 = {m.name: (1.0 if m.full else 0.5) for m in MODES}
+    modes = list(STAGE1)
+    model_path = resolve_model("tiny:janus")
+    fmt = janus_sequence_format(model_path)
+    with tempfile.TemporaryDirectory(prefix="irgl-bench-train-data-") as tmp_name:
+        tmp = Path(tmp_name)
+        data = tmp / "ds"
+        t0 = time.perf_counter()
+        write_dataset(data, synthetic_trajectories(args.trajectories, size=args.size), unit_size=500)
+        size_mb = sum(p.stat().st_size for p in (data / "data").rglob("*.parquet")) / 1e6
+        print(f"dataset: {args.trajectories} trajectories, {size_mb:.0f} MB of Parquet, "
+              f"written in {time.perf_counter() - t0:.1f} s", flush=True)  # fmt: skip
+
+        # 3. Index (first: the shards are as fresh in the page cache for both).
+        for row in index_runs(data, modes, model_path, args.budget, tmp):
+            print(f"index, {row['jobs']} process(es): {row['records']} records in {row['work_s']:.1f} s "
+                  f"= {row['work_s'] / row['records'] * 10_000:.1f} s per 10,000 records "
+                  f"(start-up apart: {row['startup_s']:.1f} s)", flush=True)  # fmt: skip
+        index = build_index(data, modes, fmt, args.budget)
+        records = sum(index.counts().values())
+
+        # 1. Reader vs raw scan, rotated order, totals over rounds.
+        totals: dict[str, list[float]] = {}
+        paths = ["raw", "reader 0", "reader 1", "reader 2"]
+        for r in range(args.rounds):
+            order = paths[r % len(paths) :] + paths[: r % len(paths)]
+            for path in order:
+                if path == "raw":
+                    t = time.perf_counter()
+                    n = raw_scan(data, fmt, modes)
+                    start, steady = 0.0, time.perf_counter() - t
+                else:
+                    start, steady, n = reader_run(index, fmt, records, int(path.split()[1]), args.budget)
+                acc = totals.setdefault(path, [0.0, 0.0, 0])
+                acc[0] += start
+                acc[1] += steady
+                acc[2] += n
+        raw_rate = totals["raw"][2] / totals["raw"][1]
+        print(f"reader ({records} records per pass, {args.rounds} rounds, rotated order):")
+        for path in paths:
+            start, steady, n = totals[path]
+            rate = n / steady
+            label = {"raw": "raw sequential pyarrow scan, same decoding",
+                     "reader 0": "PackLoader in this process", "reader 1": "PackLoader, 1 loader process",
+                     "reader 2": "PackLoader, 2 loader processes"}[path]  # fmt: skip
+            extra = f", start-up {start / args.rounds:.2f} s per run" if path != "raw" else ""
+            print(f"  {label:45s} {rate:8.0f} records/s  {rate / raw_rate:5.2f}x{extra}", flush=True)
+
+        # 2. Data wait in a CPU training loop.
+        for workers in (1, 2):
+            w = data_wait(index, model_path, args.steps, workers, args.budget)
+            print(f"data wait, {workers} loader process(es): {w['wait_s']:.2f} s of {w['step_s']:.1f} s "
+                  f"= {100 * w['share']:.1f}% of step time ({w['tokens_per_s']:.0f} tokens/s, "
+                  f"start-up to the first pack {w['startup']:.1f} s)", flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
