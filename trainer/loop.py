@@ -14,6 +14,7 @@ import json
 import os
 import shutil
 import signal
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -232,7 +233,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             log.scalars(done, metrics)
             if rank == 0:
                 eta = (now - run_t0) / (done - start_step) * (stage["steps"] - done)
-                print(progress_line(stage_name, done, stage["steps"], metrics, eta), flush=True)
+                _console(progress_line(stage_name, done, stage["steps"], metrics, eta))
             stats.zero_()
             tokens_seen, t0 = 0, time.perf_counter()
         totals["train_s"] += time.perf_counter() - step_t0
@@ -268,7 +269,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     )
     if rank == 0:
         where = ", ".join(str(d) for d in final_dirs)
-        print(f"stage {stage_name}: {stage['steps']} steps done; exported to {where}", flush=True)
+        _console(f"stage {stage_name}: {stage['steps']} steps done; exported to {where}")
     log.close()
     if dist.is_initialized():
         dist.barrier()
@@ -368,6 +369,13 @@ def _load_checkpoint(
     if ema is not None and not state["ema"]:  # EMA switched on for a run whose checkpoint has none: start it here
         ema = Ema(unwrapped.named_parameters(), ema.decay)
     return state["step"], ema
+
+
+def _console(line: str) -> None:
+    """One line on the worker's stdout, which Ray forwards to the driver's console. Not print(): Ray Train patches
+    it on workers to log through its logger as well, and the driver would show every line twice."""
+    sys.stdout.write(line + "\n")
+    sys.stdout.flush()
 
 
 def progress_line(stage: str, done: int, total: int, metrics: dict[str, Any], eta_s: float) -> str:

@@ -82,7 +82,8 @@ def data_fingerprint(cfg: TrainConfig, data_dir: Path, stage: str) -> str:
     facts = {
         "dataset": dataset,
         "data_format": cfg.data_format,
-        "modes": cfg.stage(stage).active_modes(),
+        # In the config's order, as the loop mixes them (a list: sort_keys below would reorder a dict).
+        "modes": [[m, w] for m, w in cfg.stage(stage).modes.items() if w > 0],
         "seed": cfg.seed,
         "token_budget": cfg.token_budget,
         "model": cfg.model,
