@@ -201,11 +201,12 @@ def apply_dropout(
     if not dropout.active:
         return rec
     draws = _uniforms(seed, stage, "dropout", rec.id, step)
-    segs = list(rec.segments)
+    segs = rec.segments
     dropped: list[str] = []
     drop_text = next(draws) < dropout.text
-    first_target = next((i for i, s in enumerate(segs) if s.kind == GEN and s.loss), None)
-    if drop_text and first_target is not None:
+    first_target = next((i for i, s in enumerate(segs) if s.kind == GEN and s.loss), None) if drop_text else None
+    if first_target is not None:
+        segs = list(segs)
         if fmt.pad_id is None:
             raise ValueError("text condition dropout needs the model's pad token id (SequenceFormat.pad_id)")
         for i in range(1, first_target - 1):  # after BOS, up to the target's BOI (excluded)
@@ -213,17 +214,18 @@ def apply_dropout(
             if s.kind == TEXT and not s.origin.endswith((" boi", " eoi")):
                 segs[i] = replace(s, ids=(fmt.pad_id,) * len(s.ids), loss=False)
         dropped.append("text")
-    keep = [True] * len(segs)
+    removed: set[int] = set()
     for i, s in enumerate(segs):
         if s.kind == TEXT or s.loss:
             continue
         p = dropout.vit_image if s.kind == VIT else dropout.gen_image
         if next(draws) < p:
-            keep[i - 1] = keep[i] = keep[i + 1] = False  # BOI, slots, EOI
+            removed.update((i - 1, i, i + 1))  # BOI, slots, EOI
             dropped.append(f"{s.kind} {s.origin}")
     if not dropped:
         return rec
-    return EncodedRecord(rec.id, rec.mode, [s for s, k in zip(segs, keep, strict=True) if k], rec.images, dropped)
+    kept = [s for i, s in enumerate(segs) if i not in removed]
+    return EncodedRecord(rec.id, rec.mode, kept, rec.images, dropped)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -852,6 +854,8 @@ class PackLoader:
         self._it: Any = None
 
     def __iter__(self) -> Iterator[LoadedPack]:
+        if self.loader.num_workers == 0:  # in this process: the dataset itself, without the DataLoader's per-item cost
+            return iter(self.loader.dataset)
         self._it = iter(self.loader)
         return (_from_wire(item) for item in self._it)
 
