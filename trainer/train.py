@@ -70,8 +70,8 @@ MANIFEST = "manifest.json"  # written last by the dataset build (pipeline/card.p
 
 def data_fingerprint(cfg: TrainConfig, data_dir: Path, stage: str) -> str:
     """What fixes a stage's data order: the dataset (its manifest's sha256, or the shard files' names and sizes
-    when it has no manifest), the format, the stage's modes and weights, the seed, the token budget and the model
-    (whose tokenizer measures the records)."""
+    when it has no manifest), the format, the stage's modes and weights, the seed, the token budget, the model
+    (whose tokenizer measures the records), the reader's streams and shuffle window, and the condition dropout."""
     manifest = data_dir / MANIFEST
     if manifest.is_file():
         dataset = hashlib.sha256(manifest.read_bytes()).hexdigest()
@@ -87,6 +87,10 @@ def data_fingerprint(cfg: TrainConfig, data_dir: Path, stage: str) -> str:
         "seed": cfg.seed,
         "token_budget": cfg.token_budget,
         "model": cfg.model,
+        # The reader's streams and shuffle window, and the condition dropout, change which records a step sees.
+        "data_streams": cfg.data_streams,
+        "shuffle_blocks": cfg.shuffle_blocks,
+        "condition_dropout": cfg.condition_dropout.model_dump(),
     }
     return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()
 
