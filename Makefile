@@ -52,6 +52,7 @@ bench: install
 	$(PY) bench/pipeline.py
 	$(PY) bench/text_stage.py
 	$(PY) bench/trainer.py
+	$(PY) bench/train_data.py
 	$(PY) bench/score.py
 	$(PY) bench/scale.py
 
