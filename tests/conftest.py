@@ -27,13 +27,9 @@ def ray_session():
     """One local Ray for the whole test session (2 CPUs as on the CI machine); builds reuse it."""
     import ray
 
-    from pipeline.build import _WORKER_ENV
+    from schemas.local import driver_env
 
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        runtime_env={"env_vars": {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}},
-    )
+    ray.init(num_cpus=2, include_dashboard=False, runtime_env={"env_vars": driver_env()})
     yield ray
     ray.shutdown()
 
