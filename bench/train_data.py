@@ -38,7 +38,9 @@ def raw_scan(data: Path, fmt: object, modes: list[str], budget: int | None = Non
     also packing the records greedily in file order and collating each pack, as the reader does."""
     import pyarrow.parquet as pq
 
-    from trainer.data import collate, encode_conversation, mode_files, parse_parquet_conversation
+    from trainer.batch import collate
+    from trainer.records import encode_conversation
+    from trainer.shards import mode_files, parse_parquet_conversation
 
     n = 0
     pack: list = []
@@ -63,7 +65,8 @@ def raw_scan(data: Path, fmt: object, modes: list[str], budget: int | None = Non
 
 def reader_run(index: object, fmt: object, records: int, workers: int, budget: int) -> tuple[float, float, int]:
     """(start-up s, steady s, records) of PackLoader reading at least `records` records after its first pack."""
-    from trainer.data import ConditionDropout, PackDataset, PackLoader
+    from trainer.dropout import ConditionDropout
+    from trainer.loader import PackDataset, PackLoader
 
     ds = PackDataset(
         index, fmt, STAGE1, budget, 0, "1", rank=0, world_size=1, grad_accum=1, streams=2,
@@ -85,8 +88,9 @@ def data_wait(index: object, model_path: str, steps: int, workers: int, budget: 
     """A CPU training loop on the loader: seconds waiting for packs vs total step seconds (after 5 warm-up steps)."""
     import torch
 
-    from trainer.data import ConditionDropout, PackDataset, PackLoader, steps_packs
+    from trainer.dropout import ConditionDropout
     from trainer.index import janus_sequence_format
+    from trainer.loader import PackDataset, PackLoader, steps_packs
     from trainer.model import load_adapter
 
     torch.set_num_threads(1)
@@ -149,8 +153,8 @@ def index_runs(
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
 
-    from trainer.data import mode_files
     from trainer.index import FormatSource, _index_task, cached_index, janus_sequence_format
+    from trainer.shards import mode_files
 
     source = FormatSource("janus", model_path)
     tasks = [(str(f), m, "parquet", source, budget) for m in modes for f in mode_files(data, m, "parquet")]
@@ -184,7 +188,7 @@ def index_runs(
 def records_total(data: Path, modes: list[str]) -> int:
     import pyarrow.parquet as pq
 
-    from trainer.data import mode_files
+    from trainer.shards import mode_files
 
     return sum(pq.ParquetFile(f).metadata.num_rows for m in modes for f in mode_files(data, m, "parquet"))
 
@@ -205,8 +209,7 @@ def main() -> None:
     from pipeline.shards import write_dataset
     from pipeline.synthetic import synthetic_trajectories
     from schemas.modes import MODES
-    from trainer.data import build_index
-    from trainer.index import janus_sequence_format
+    from trainer.index import build_index, janus_sequence_format
     from trainer.tiny_janus import resolve_model
 
     STAGE1 = {m.name: (1.0 if m.full else 0.5) for m in MODES}

@@ -27,9 +27,12 @@ def plain_loop(data: Path, model_path: str, steps: int, budget: int, threads: in
     """The baseline: one process, no Ray, no DDP; the same data order, packing and optimiser step."""
     import torch
 
+    from trainer.batch import collate
     from trainer.config import load_train_config
-    from trainer.data import RecordReader, build_index, collate, worker_packs
+    from trainer.index import build_index
     from trainer.model import load_adapter
+    from trainer.order import worker_packs
+    from trainer.shards import RecordReader
 
     t_start = time.perf_counter()
     torch.set_num_threads(threads)

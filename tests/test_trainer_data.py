@@ -79,7 +79,7 @@ def fmt() -> object:
 
 @pytest.fixture(scope="module")
 def index(dataset: Path, fmt: object) -> object:
-    from trainer.data import build_index
+    from trainer.index import build_index
 
     return build_index(dataset, ALL, fmt, token_budget=4096)
 
@@ -94,7 +94,7 @@ def _row(dataset: Path, mode: str) -> dict:
 def _encoded(dataset: Path, fmt: object, number: int) -> tuple[object, list]:
     import base64
 
-    from trainer.data import encode_conversation
+    from trainer.records import encode_conversation
 
     mode = MODES[number - 1].name
     row = _row(dataset, mode)
@@ -104,7 +104,8 @@ def _encoded(dataset: Path, fmt: object, number: int) -> tuple[object, list]:
 
 @pytest.mark.parametrize("number", [1, 2, 3, 4, 5, 6])
 def test_masks_follow_flags_span_by_span(dataset: Path, fmt: object, number: int) -> None:
-    from trainer.data import GEN, TEXT, VIT, collate
+    from trainer.batch import collate
+    from trainer.records import GEN, TEXT, VIT
 
     rec, turns = _encoded(dataset, fmt, number)
     assert [(s.origin, s.kind, s.loss) for s in rec.segments] == EXPECTED[number]
@@ -144,7 +145,7 @@ def test_masks_follow_flags_span_by_span(dataset: Path, fmt: object, number: int
 def test_official_targets_eos_after_every_supervised_text_never_boi(dataset: Path, fmt: object, number: int) -> None:
     """The same rule in every mode, read off the labels alone: each supervised text is followed by a labelled EOS
     (and is the only thing an EOS label follows); BOI and EOI are never labels."""
-    from trainer.data import collate
+    from trainer.batch import collate
 
     rec, turns = _encoded(dataset, fmt, number)
     labels = collate([rec]).text_labels[0].tolist()
@@ -167,7 +168,9 @@ def test_rows_parse_without_decoding_images_and_broken_rows_are_skipped(
     import pyarrow.parquet as pq
 
     from schemas.conversation import ConversationError
-    from trainer.data import build_index, encode_conversation, parse_parquet_conversation, split_images
+    from trainer.index import build_index
+    from trainer.records import encode_conversation
+    from trainer.shards import parse_parquet_conversation, split_images
 
     mode = "improving_full_learning"
     path = sorted((dataset / "data" / mode).glob("*.parquet"))[0]
@@ -218,7 +221,8 @@ def test_tokenizer_only_format_matches_the_adapter(fmt: object) -> None:
 
 
 def test_too_long_records_are_skipped_and_counted(dataset: Path, fmt: object, index: object) -> None:
-    from trainer.data import build_index, worker_packs
+    from trainer.index import build_index
+    from trainer.order import worker_packs
 
     lengths = {e.id: e.length for es in index.entries.values() for e in es}
     budget = sorted(lengths.values())[len(lengths) // 2]  # about half of the records do not fit
@@ -237,7 +241,7 @@ def test_too_long_records_are_skipped_and_counted(dataset: Path, fmt: object, in
 
 def _plan(index: object, steps: int, **kwargs: object) -> dict[int, list[tuple[int, tuple[str, ...]]]]:
     """step -> [(global pack, record ids)] of one worker's plan."""
-    from trainer.data import worker_packs
+    from trainer.order import worker_packs
 
     kw = {"rank": 0, "world_size": 1, "grad_accum": 1, "seed": 0, "stage": "1", **kwargs}
     weights = kw.pop("weights", STAGE1)
@@ -267,7 +271,7 @@ def test_order_is_a_pure_function_of_seed_stage_step_and_resumes_exactly(index: 
 def test_every_record_once_per_epoch_across_workers_and_streams(index: object) -> None:
     """Streams split each epoch's blocks between them: with one mode, the first len(mode) records drawn over all
     workers and streams are exactly the mode's records, each once."""
-    from trainer.data import _blocks_of, _mode_stream
+    from trainer.order import _blocks_of, _mode_stream
 
     mode = "initial_full_learning"
     entries = index.entries[mode]
@@ -287,7 +291,8 @@ def test_every_record_once_per_epoch_across_workers_and_streams(index: object) -
 
 
 def _loaded(dataset_index: object, fmt: object, steps: int, workers: int, **kwargs: object) -> list:
-    from trainer.data import ConditionDropout, PackDataset, PackLoader
+    from trainer.dropout import ConditionDropout
+    from trainer.loader import PackDataset, PackLoader
 
     kw = {"rank": 0, "world_size": 1, "grad_accum": 2, "start_step": 0, "streams": 2, "shuffle_blocks": 2}
     kw.update(kwargs)
@@ -329,7 +334,7 @@ def test_each_block_is_read_once_per_window_not_once_per_record(index: object, f
     reads at most (one row-group read per record would cost n)."""
     import math
 
-    from trainer.data import PackDataset
+    from trainer.loader import PackDataset
 
     mode = "improving_full_learning"
     ds = PackDataset(index, fmt, {mode: 1.0}, 2048, 0, "1", rank=0, world_size=1, grad_accum=1, streams=1)
@@ -356,7 +361,7 @@ def test_loader_processes_die_with_a_killed_training_process(index: object, fmt:
     save_index(index, path, Path(index.entries[ALL[0]][0].file).parents[2])
     script = f"""
 import time
-from trainer.data import PackDataset, PackLoader
+from trainer.loader import PackDataset, PackLoader
 from trainer.index import janus_sequence_format
 fmt = janus_sequence_format({resolve_model("tiny:janus")!r})
 ds = PackDataset({str(path)!r}, fmt, {{"initial_full_learning": 1.0}}, 2048, 0, "1", rank=0, world_size=1, grad_accum=1)
@@ -395,10 +400,11 @@ def _running(pid: int) -> bool:
 def test_webdataset_and_parquet_give_the_same_records(
     dataset: Path, fmt: object, index: object, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import trainer.data
-    from trainer.data import RecordReader, build_index
+    import trainer.shards
+    from trainer.index import build_index
+    from trainer.shards import RecordReader
 
-    monkeypatch.setattr(trainer.data, "WDS_BLOCK_ROWS", 4)  # several blocks per tar
+    monkeypatch.setattr(trainer.shards, "WDS_BLOCK_ROWS", 4)  # several blocks per tar
     wds = build_index(dataset, ALL, fmt, 4096, "webdataset")
     assert max(e.locator[0] for es in wds.entries.values() for e in es) == 1
     reader = RecordReader(fmt)
@@ -414,7 +420,8 @@ def test_webdataset_and_parquet_give_the_same_records(
 
 
 def test_dropout_is_deterministic_at_the_configured_rates(dataset: Path, fmt: object) -> None:
-    from trainer.data import GEN, TEXT, ConditionDropout, apply_dropout
+    from trainer.dropout import ConditionDropout, apply_dropout
+    from trainer.records import GEN, TEXT
 
     rec6, _ = _encoded(dataset, fmt, 6)
     rec5, _ = _encoded(dataset, fmt, 5)

@@ -37,8 +37,7 @@ def _flat(index: object) -> tuple:
 
 
 def test_parallel_index_equals_serial_and_is_cached_by_manifest(dataset: Path, source: object, tmp_path: Path) -> None:
-    from trainer.data import build_index
-    from trainer.index import cached_index
+    from trainer.index import build_index, cached_index
 
     fmt = source.load()
     lengths = sorted(e.length for es in build_index(dataset, ALL, fmt, 100_000).entries.values() for e in es)

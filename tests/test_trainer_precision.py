@@ -36,7 +36,8 @@ def _batch(fmt: object) -> object:
     from pipeline.synthetic import synthetic_trajectories
     from schemas.conversation import conversation_from_json
     from schemas.modes import mode_records
-    from trainer.data import collate, encode_conversation
+    from trainer.batch import collate
+    from trainer.records import encode_conversation
 
     records = [
         encode_conversation(

@@ -143,7 +143,7 @@ class TrainConfig(_Strict):
         4096, ge=16, description="Tokens per packed sequence (one micro-batch); longer records are skipped, counted."
     )
     grad_accum: int = Field(1, ge=1, description="Packed sequences per worker accumulated into one optimiser step.")
-    # Data loading (trainer/data.py, trainer/index.py)
+    # Data loading (trainer/index.py, trainer/order.py, trainer/loader.py)
     data_streams: int = Field(
         2,
         ge=1,

@@ -1,5 +1,7 @@
-"""The data index, built once: with the tokenizer alone (no model load), in parallel processes over shard files,
-cached next to the training output and handed to the workers as a path.
+"""The data index: every usable record of a built dataset (where it lives, its length in tokens) and every
+skipped one counted by reason. `build_index` makes it in this process; `cached_index` builds it once, with the
+tokenizer alone (no model load), in parallel processes over shard files, caches it next to the training output and
+hands it to the workers as a path.
 
 `cached_index(...)` returns the index of a built dataset and the path of its cache file
 `<cache_dir>/<key>.json`. The key is a hash of what decides the index: the dataset's `manifest.json` (its sha256:
@@ -16,23 +18,132 @@ import os
 import tempfile
 import time
 from collections import Counter
+from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from trainer.data import (
-    WDS_BLOCK_ROWS,
-    DataIndex,
-    Entry,
-    SequenceFormat,
-    _checked_files,
-    index_file,
-    merge_file_index,
-)
+from schemas.conversation import ConversationError, conversation_from_json, validate_conversation
+from schemas.modes import MODES_BY_NAME
+from trainer.records import SequenceFormat, encode_conversation
+from trainer.shards import WDS_BLOCK_ROWS, Entry, mode_files, parse_parquet_conversation, tar_blocks
 
 INDEX_VERSION = 2  # bump when the index or the segment layout (record lengths) changes
 MANIFEST_NAME = "manifest.json"
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The index of a built dataset: every usable record's place and length
+
+
+@dataclass
+class DataIndex:
+    """The usable records of some modes of a built dataset, plus every skipped record counted by reason."""
+
+    entries: dict[str, list[Entry]]
+    skipped: Counter = field(default_factory=Counter)  # "mode: reason" -> count
+    skipped_ids: dict[str, str] = field(default_factory=dict)  # record id -> reason
+
+    def counts(self) -> dict[str, int]:
+        return {m: len(v) for m, v in self.entries.items()}
+
+    def subset(self, modes: list[str]) -> DataIndex:
+        """The same index restricted to `modes` (skips kept for those modes only)."""
+        missing = [m for m in modes if m not in self.entries]
+        if missing:
+            raise ValueError(f"modes not in the index: {missing}")
+        prefixes = tuple(f"{m}: " for m in modes)
+        skipped = Counter({k: v for k, v in self.skipped.items() if k.startswith(prefixes)})
+        return DataIndex({m: self.entries[m] for m in modes}, skipped, dict(self.skipped_ids))
+
+
+def index_file(
+    path: str | Path, mode: str, data_format: str, fmt: SequenceFormat, token_budget: int
+) -> tuple[list[Entry], list[tuple[str, str, str]]]:
+    """One shard file: (usable entries, [(record id, reason, detail)] of the skipped ones), in file order.
+
+    Reads each block once; checks the format rules without decoding images (their token counts are fixed) and
+    measures each record's length with the tokenizer. Skips records that break the rules ("invalid") or are
+    longer than the token budget ("too_long": a packed sequence can never hold them).
+    """
+    path = str(path)
+    entries: list[Entry] = []
+    skips: list[tuple[str, str, str]] = []
+
+    def add(rid: str, locator: tuple[Any, ...], parse: Callable[[], list[dict[str, Any]]]) -> None:
+        try:
+            turns = parse()
+        except ConversationError as exc:
+            skips.append((rid, "invalid", str(exc)))
+            return
+        length = encode_conversation(turns, fmt, record_id=rid, mode=mode).length
+        if length > token_budget:
+            skips.append((rid, "too_long", f"{length} tokens > budget {token_budget}"))
+            return
+        entries.append(Entry(mode=mode, id=rid, file=path, locator=locator, length=length))
+
+    if data_format == "parquet":
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(path)
+        for g in range(pf.num_row_groups):
+            table = pf.read_row_group(g, columns=["id", "conversation"])
+            for r, (rid, conversation) in enumerate(
+                zip(table.column("id").to_pylist(), table.column("conversation").to_pylist(), strict=True)
+            ):
+                add(rid, (g, r), lambda c=conversation: parse_parquet_conversation(c, check=True)[0])
+        return entries, skips
+    with open(path, "rb") as fh:
+        for block, start, end, samples in tar_blocks(path):
+            for r, (key, members) in enumerate(samples):
+                if "json" not in members:
+                    skips.append((key, "invalid", "sample has no json member"))
+                    continue
+                fh.seek(members["json"][0])
+                meta = json.loads(fh.read(members["json"][1]))
+
+                def parse(meta: dict[str, Any] = meta) -> list[dict[str, Any]]:
+                    turns = meta["conversation"]
+                    turns = turns if isinstance(turns, list) else conversation_from_json(turns)
+                    validate_conversation(turns, image_refs=True, decode_images=False)
+                    return turns
+
+                add(meta.get("id", key), (block, r, start, end), parse)
+    return entries, skips
+
+
+def build_index(
+    data_dir: Path | str, modes: list[str], fmt: SequenceFormat, token_budget: int, data_format: str = "parquet"
+) -> DataIndex:
+    """Index every record of `modes`, one file after the other, in this process (no cache).
+
+    `trainer.index.cached_index` does the same in parallel processes, with the tokenizer alone, and caches it.
+    """
+    index = DataIndex(entries={})
+    for mode in modes:
+        files = _checked_files(data_dir, mode, data_format)
+        index.entries[mode] = []
+        for path in files:
+            entries, skips = index_file(path, mode, data_format, fmt, token_budget)
+            merge_file_index(index, mode, entries, skips)
+    return index
+
+
+def _checked_files(data_dir: Path | str, mode: str, data_format: str) -> list[Path]:
+    if mode not in MODES_BY_NAME:
+        raise ValueError(f"unknown mode {mode!r}")
+    files = mode_files(Path(data_dir), mode, data_format)
+    if not files:
+        raise FileNotFoundError(f"{data_dir}: no {data_format} shards for mode {mode}")
+    return files
+
+
+def merge_file_index(index: DataIndex, mode: str, entries: list[Entry], skips: list[tuple[str, str, str]]) -> None:
+    index.entries.setdefault(mode, []).extend(entries)
+    for rid, reason, detail in skips:
+        index.skipped[f"{mode}: {reason}"] += 1
+        index.skipped_ids[rid] = f"{reason}: {detail}"
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -106,7 +106,8 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from ray.train.torch import get_device
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    from trainer.data import ConditionDropout, PackDataset, PackLoader, steps_packs
+    from trainer.dropout import ConditionDropout
+    from trainer.loader import PackDataset, PackLoader, steps_packs
     from trainer.model import load_adapter
     from trainer.optim import Ema, autocast, compute_dtype, make_optimizer
 

@@ -13,7 +13,8 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
-from trainer.data import PackedBatch, SequenceFormat
+from trainer.batch import PackedBatch
+from trainer.records import SequenceFormat
 
 
 class ModelAdapter(ABC):
