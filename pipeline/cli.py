@@ -1,5 +1,18 @@
 """The `irgl` command line (typer). Thin: parses arguments and calls into pipeline/. Heavy imports stay inside
 the commands so that `irgl --help` is instant.
+
+One spelling per concept, in every command:
+- `--config/-c CONFIG` is always the config file (build, plan: default the tiny preset; train: required);
+- `--out/-o DIR` is always the directory a command writes (build, synth, train); a command that writes into a
+  directory holding something else refuses unless `--force` (build: another config's build; synth: any content);
+- `OUT`, positional, is the dataset a command inspects (verify, report, publish);
+- options with a fixed set of values are typer choices that `--help` lists (`--executor ray|local`,
+  `--stage 1|2|all`); a bad value exits 2 with the choices named;
+- `--max-problems N` caps the problems printed (verify, publish: all are counted);
+- `--jobs/-j N` is processes on this machine (verify, publish);
+- exit codes: 0 done, 1 the work found a problem (a dataset that does not verify, `--strict` warnings, a training
+  error), 2 bad input found before anything runs (pipeline/cli_common.py: `fail`, the one error helper).
+Long commands print progress: build and verify one line per unit (k/N units, elapsed, ETA).
 """
 
 from __future__ import annotations
@@ -8,6 +21,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli_common import DEFAULT_CONFIG, Executor, echo_problems, fail
 from pipeline.cli_hub import plan_command, publish_command  # light: their heavy imports are inside
 from pipeline.cli_train import train_command
 
@@ -23,7 +37,7 @@ app = typer.Typer(
 def verify(
     out: Path = typer.Argument(..., help="A built dataset directory (holds manifest.json)."),
     decode_images: bool = typer.Option(True, help="Fully decode every image (slower, catches damaged images)."),
-    max_problems: int = typer.Option(200, help="Print at most this many problems (all are counted)."),
+    max_problems: int = typer.Option(200, min=0, help="Print at most this many problems (all are counted)."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes checking units in parallel (0: all cores)."),
     reuse: bool = typer.Option(
         False, help="Re-check units an earlier verify found clean by size and sha256 only (as publish does)."
@@ -33,46 +47,50 @@ def verify(
     are checked in parallel; clean ones are recorded in OUT/state/verified.json for `irgl publish`."""
     import time
 
+    from pipeline.logs import UnitProgress
     from pipeline.verify import default_jobs
     from pipeline.verify import verify as run_verify
 
     started = time.perf_counter()
-    problems = run_verify(out, decode_images=decode_images, jobs=jobs or default_jobs(), reuse=reuse)
+    progress = UnitProgress(typer.echo, verb="verified")
+    problems = run_verify(out, decode_images=decode_images, jobs=jobs or default_jobs(), reuse=reuse, progress=progress)
     if not problems:
         typer.echo(f"OK: {out} verifies ({time.perf_counter() - started:.1f} s)")
         return
-    for problem in problems[:max_problems]:
-        typer.echo(str(problem), err=True)
-    if len(problems) > max_problems:
-        typer.echo(f"... and {len(problems) - max_problems} more", err=True)
+    echo_problems(problems, max_problems)
     typer.echo(f"FAILED: {len(problems)} problem(s) in {out}", err=True)
     raise typer.Exit(1)
 
 
 @app.command()
 def synth(
-    out: Path = typer.Argument(..., help="Output directory for the dataset."),
+    out: Path = typer.Option(Path("out/synth"), "--out", "-o", help="Output directory for the dataset."),
     n: int = typer.Option(32, min=1, help="Number of synthetic trajectories."),
     seed: int = typer.Option(0, help="Seed of the synthetic generator."),
     size: int = typer.Option(64, min=16, help="Image side in pixels."),
+    force: bool = typer.Option(
+        False, "--force", help="Replace the irgl dataset already in OUT (anything else in OUT is never deleted)."
+    ),
 ) -> None:
-    """Write a six-mode dataset from synthetic PIL-drawn trajectories (no models): exercises the writers."""
+    """Write a six-mode dataset from synthetic PIL-drawn trajectories (no models): exercises the writers. Refuses
+    a non-empty OUT unless --force (which replaces an irgl dataset there, nothing else)."""
+    import shutil
+
     from pipeline.shards import write_dataset
     from pipeline.synthetic import synthetic_trajectories
 
+    if out.exists() and not out.is_dir():
+        fail(f"{out}: not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            fail(f"{out} is not empty: pass --force to replace the dataset in it, or choose another --out")
+        if not any((out / name).exists() for name in ("manifest.json", "data", "state")):
+            fail(f"{out} is not empty and holds no irgl dataset: --force replaces only an irgl dataset")
+        shutil.rmtree(out)
     result = write_dataset(out, synthetic_trajectories(n, seed=seed, size=size), build_config={"synthetic": seed})
     for mode, count in result.counts.items():
         typer.echo(f"{mode:45s} {count:6d}")
     typer.echo(f"wrote {result.trajectories} trajectories to {out}")
-
-
-DEFAULT_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
-
-
-def _fail(message: str) -> None:
-    """One-line error on stderr, exit code 2: used for bad input found before any model loads."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
 
 
 @app.command()
@@ -87,7 +105,9 @@ def build(
         help="Ray cluster address, e.g. 'auto'; 'local' starts a private local Ray even if one runs here. Default: "
         "join the Ray instance running on this machine (ray start, $RAY_ADDRESS), else start a local one.",
     ),
-    executor: str = typer.Option("ray", "--executor", help="'ray' (Ray Data) or 'local' (plain loop, debugging)."),
+    executor: Executor = typer.Option(
+        Executor.ray, "--executor", help="ray: Ray Data; local: a plain loop in this process (debugging)."
+    ),
     force: bool = typer.Option(False, "--force", help="Rebuild an OUT that holds a build with another config."),
     verbose: bool = typer.Option(
         False, "--verbose", "-v", help="Engine, Ray and INFO logs on the console instead of OUT/state/logs/."
@@ -101,26 +121,24 @@ def build(
     from stages.engines.errors import EngineDead
     from stages.prompts import PromptSourceError
 
-    if executor not in ("ray", "local"):
-        _fail(f"--executor must be 'ray' or 'local', got {executor!r}")
     try:
         cfg = load_build_config(str(config))
     except ConfigError as exc:
-        _fail(str(exc))
+        fail(str(exc))
 
     log_dir = None if verbose else out / STATE_DIR / LOG_DIR
-    with build_logging(log_dir, ray=executor == "ray"):
+    with build_logging(log_dir, ray=executor is Executor.ray):
         if log_dir is not None:
             typer.echo(f"engine logs: {log_dir}/ (--verbose prints them here)")
         try:
             result = run_build(
-                cfg, out, prompts_path=prompts, limit=limit, executor=executor, address=address, force=force,
+                cfg, out, prompts_path=prompts, limit=limit, executor=executor.value, address=address, force=force,
                 progress=UnitProgress(typer.echo), log_dir=log_dir,
             )  # fmt: skip
         except (BuildError, PromptSourceError) as exc:
-            _fail(str(exc))
+            fail(str(exc))
         except EngineDead as exc:  # the local executor: the engine runs in this process, nothing restarts it
-            _fail(f"{exc}; finished units are kept: rerun the same command to resume")
+            fail(f"{exc}; finished units are kept: rerun the same command to resume")
         except Exception:
             if log_dir is not None:
                 typer.echo(f"build failed; engine logs: {log_dir}/", err=True)
@@ -169,7 +187,7 @@ def report(
     from pipeline.report import write_report
 
     if not (out / "manifest.json").is_file() or not (out / "state" / "build.json").is_file():
-        _fail(f"{out}: not a directory written by irgl build (needs manifest.json and state/build.json)")
+        fail(f"{out}: not a directory written by irgl build (needs manifest.json and state/build.json)")
     typer.echo(f"report written to {write_report(out, samples)}")
 
 
@@ -189,7 +207,8 @@ def models_tiny(
 ) -> None:
     """Build the deterministic tiny models offline: Qwen2 LLM, Qwen2-VL VLM, SD-style pipeline, open_clip (the
     builder's) and Janus (the trainer's)."""
-    from stages.tiny import build_all, tiny_root
+    from schemas.local import tiny_root
+    from stages.tiny import build_all
     from trainer.tiny_janus import build_tiny_janus
 
     for name, path in build_all(directory).items():

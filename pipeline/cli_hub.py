@@ -11,15 +11,11 @@ from pathlib import Path
 
 import typer
 
-
-def _fail(message: str) -> None:
-    """Error lines on stderr, exit code 2 (the convention of `irgl build` for bad input)."""
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+from pipeline.cli_common import DEFAULT_CONFIG, echo_problems, fail
 
 
 def plan_command(
-    config: Path = typer.Argument(..., help="Build config YAML (e.g. configs/irgl-300k.yaml)."),
+    config: Path = typer.Option(DEFAULT_CONFIG, "--config", "-c", help="Build config YAML (default: the tiny preset)."),
     cluster: Path | None = typer.Option(
         None, "--cluster", help="Ray cluster-launcher YAML (e.g. ray_cluster.yaml): check every actor can be placed."
     ),
@@ -33,7 +29,7 @@ def plan_command(
     ),
     strict: bool = typer.Option(False, "--strict", help="Exit 1 when the plan has warnings (options do not count)."),
 ) -> None:
-    """Validate CONFIG and print the stage graph, resources, expected records, GPU-hours, wall time, options that
+    """Validate the config and print the stage graph, resources, expected records, GPU-hours, wall time, options that
     would speed stages up (torch.compile, scorer CPUs) and warnings (budgets that make rows fail, GPUs the cluster
     cannot give or would not start). Loads no model and contacts nothing."""
     from pipeline.plan import PlanError, format_plan, plan_from_file
@@ -45,7 +41,7 @@ def plan_command(
             limit=limit,
         )  # fmt: skip
     except (ConfigError, PlanError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     typer.echo(format_plan(plan))
     if strict and plan.warnings:
         raise typer.Exit(1)
@@ -76,6 +72,9 @@ def publish_command(
     ),
     yes: bool = typer.Option(False, "--yes", help="Upload even when larger than --max-size."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes verifying units in parallel (0: all cores)."),
+    max_problems: int = typer.Option(
+        200, "--max-problems", min=0, help="Print at most this many problems of a dataset that does not verify."
+    ),
 ) -> None:
     """Verify OUT, then upload its mode Parquet shards and a Hub dataset card (resumable: rerun to continue).
     Prints the file count and total size first and refuses above --max-size unless --yes. The token comes from
@@ -87,7 +86,7 @@ def publish_command(
     try:
         max_bytes = parse_size(max_size)
     except ValueError as exc:
-        _fail(f"--max-size {exc}")
+        fail(f"--max-size {exc}")
     try:
         publish(
             out, repo_id, private=private, revision=revision, include_wds=include_wds,
@@ -95,9 +94,7 @@ def publish_command(
             decode_images=decode_images, max_size=max_bytes, yes=yes, jobs=jobs or default_jobs(), echo=typer.echo,
         )  # fmt: skip
     except PublishRefused as exc:
-        for problem in exc.problems[:200]:
-            typer.echo(str(problem), err=True)
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        echo_problems(exc.problems, max_problems)
+        fail(str(exc), code=1)
     except (PublishError, OutLocked) as exc:
-        _fail(str(exc))
+        fail(str(exc))

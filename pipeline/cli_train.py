@@ -9,11 +9,15 @@ from pathlib import Path
 
 import typer
 
+from pipeline.cli_common import Stage, fail
+
 
 def train_command(
     config: Path = typer.Option(..., "--config", "-c", help="Trainer config YAML (e.g. configs/train_tiny.yaml)."),
     data: Path = typer.Option(..., "--data", "-d", help="A built IRGL dataset (holds data/<mode>/ or wds/<mode>/)."),
-    stage: str = typer.Option("all", "--stage", help="'1' (six modes), '2' (full modes, from stage 1) or 'all'."),
+    stage: Stage = typer.Option(
+        Stage.all, "--stage", help="1: the six modes; 2: the full modes, from stage 1's export; all: 1 then 2."
+    ),
     resume: bool = typer.Option(
         False, "--resume", help="Continue unfinished stages from their latest checkpoint (or finish their export)."
     ),
@@ -23,35 +27,31 @@ def train_command(
         help="With --resume: continue even when the checkpoint was written with another number of workers, "
         "grad_accum or data (refused otherwise: the data order would differ from an uninterrupted run).",
     ),
-    output: Path | None = typer.Option(None, "--output", "-o", help="Overrides output_dir of the config."),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Where checkpoints and exports go (overrides output_dir of the config)."
+    ),
     address: str | None = typer.Option(None, "--address", help="Ray cluster address, e.g. 'auto'."),
 ) -> None:
     """Train a unified model on an IRGL dataset: stage 1 (six modes) then stage 2 (full modes), on Ray Train."""
     from schemas.config import ConfigError
     from trainer.config import load_train_config
 
-    overrides = {"output_dir": str(output)} if output is not None else None
+    overrides = {"output_dir": str(out)} if out is not None else None
     try:
         cfg = load_train_config(config, overrides)
     except ConfigError as exc:
-        typer.echo(f"error: {'; '.join(str(exc).splitlines())}", err=True)
-        raise typer.Exit(2) from None
-    if stage not in ("1", "2", "all"):
-        typer.echo(f"error: --stage must be 1, 2 or all, got {stage!r}", err=True)
-        raise typer.Exit(2)
+        fail("; ".join(str(exc).splitlines()))
     if not Path(data).is_dir():
-        typer.echo(f"error: --data {data}: no such directory", err=True)
-        raise typer.Exit(2)
+        fail(f"--data {data}: no such directory")
 
     from trainer.train import TrainError, train
 
     try:
         results = train(
-            cfg, data, stage=stage, resume=resume or force_resume, address=address, force_resume=force_resume
+            cfg, data, stage=stage.value, resume=resume or force_resume, address=address, force_resume=force_resume
         )
     except TrainError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(1) from None
+        fail(str(exc), code=1)
     for name, result in results.items():
         note = " (already complete)" if result.skipped_run else ""
         skipped = sum(result.skipped.values())

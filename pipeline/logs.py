@@ -239,16 +239,17 @@ def _clock(seconds: float) -> str:
 
 
 class UnitProgress:
-    """The build's `progress` callback: one line per finished unit, `unit N done: ok=.. | k/N units | elapsed
-    h:mm:ss | ETA h:mm:ss`.
+    """The `progress` callback of long commands: one line per finished unit, `unit N done: ok=.. | k/N units |
+    elapsed h:mm:ss | ETA h:mm:ss` (`verb` says what finished: the build's units are "done", verify's "verified").
 
-    `build()` calls `start(units_to_run)` before the stages start, then `self(unit, marker)` as each unit lands.
-    The ETA uses the pace since the first unit landed (the first one also pays for engine start-up), so it is
-    shown as `?` until two units are done when more than one remains.
+    `build()` and `verify()` call `start(units)` before the work starts, then `self(unit, marker)` as each unit
+    lands (`marker["counts"]`: what the line shows). The ETA uses the pace since the first unit landed (the first
+    one also pays for engine start-up), so it is shown as `?` until two units are done when more than one remains.
     """
 
-    def __init__(self, echo: Any = print, clock: Any = time.monotonic) -> None:
+    def __init__(self, echo: Any = print, clock: Any = time.monotonic, verb: str = "done") -> None:
         self.echo = echo
+        self.verb = verb
         self.clock = clock
         self.total = 0
         self.done = 0
@@ -269,7 +270,7 @@ class UnitProgress:
             return None
         return (now - self.first) / (self.done - 1) * left
 
-    def __call__(self, unit: int, marker: dict[str, Any]) -> None:
+    def __call__(self, unit: int | str, marker: dict[str, Any]) -> None:
         now = self.clock()
         self.done += 1
         if self.first is None:
@@ -278,8 +279,8 @@ class UnitProgress:
         eta = self.eta(now)
         total = max(self.total, self.done)
         self.echo(
-            f"unit {unit:5d} done: {counts} | {self.done}/{total} units | elapsed {_clock(now - self.started)} | "
-            f"ETA {'?' if eta is None else _clock(eta)}"
+            f"unit {unit!s:>5} {self.verb}: {counts} | {self.done}/{total} units | "
+            f"elapsed {_clock(now - self.started)} | ETA {'?' if eta is None else _clock(eta)}"
         )
 
 

@@ -246,12 +246,15 @@ def _verified_before(record: dict[str, Any], entries: list[dict[str, Any]], deco
     )  # fmt: skip
 
 
-def verify(out: Path, *, decode_images: bool = True, jobs: int = 1, reuse: bool = False) -> list[Problem]:
+def verify(
+    out: Path, *, decode_images: bool = True, jobs: int = 1, reuse: bool = False, progress: Any = None
+) -> list[Problem]:
     """Every problem of the built dataset at `out`; an empty list means it verifies.
 
     `jobs`: processes checking units in parallel (1: this process). `reuse`: re-check units recorded clean by an
     earlier verify by size and sha256 only. In a build directory (OUT/state/build.json) clean units are recorded,
-    holding OUT's lock while doing so.
+    holding OUT's lock while doing so. `progress` (pipeline.logs.UnitProgress, optional): `start(units)`, then
+    `progress(unit, {"counts": {"problems": n}})` as each unit's check finishes, in the order they finish.
     """
     out = Path(out)
     problems: list[Problem] = []
@@ -285,7 +288,7 @@ def verify(out: Path, *, decode_images: bool = True, jobs: int = 1, reuse: bool 
               decode_images, reused[key])
         for key, entries in groups.items()
     }  # fmt: skip
-    results = _run_jobs(args, jobs)
+    results = _run_jobs(args, jobs, progress)
 
     card = _Group(out, ModeOptions(), 0, False)
     for entry in loose:
@@ -321,17 +324,31 @@ def verify(out: Path, *, decode_images: bool = True, jobs: int = 1, reuse: bool 
     return problems
 
 
-def _run_jobs(args: dict[str, tuple[Any, ...]], jobs: int) -> dict[str, _GroupResult]:
+def _run_jobs(args: dict[str, tuple[Any, ...]], jobs: int, progress: Any = None) -> dict[str, _GroupResult]:
+    def landed(key: str, result: _GroupResult) -> None:
+        if progress is not None:
+            progress(key, {"counts": {"problems": len(result.problems)}})
+
+    if progress is not None:
+        progress.start(len(args))
     if jobs <= 1 or len(args) <= 1:
-        return {key: _check_group(*a) for key, a in args.items()}
+        results = {}
+        for key, a in args.items():
+            results[key] = _check_group(*a)
+            landed(key, results[key])
+        return results
     import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures import ProcessPoolExecutor, as_completed
 
     # Largest groups first, so that no process is left with a big one at the end.
     order = sorted(args, key=lambda k: -sum(f["bytes"] for f in args[k][1]))
     with ProcessPoolExecutor(min(jobs, len(args)), mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {key: pool.submit(_check_group, *args[key]) for key in order}
-        return {key: futures[key].result() for key in args}
+        futures = {pool.submit(_check_group, *args[key]): key for key in order}
+        done = {}
+        for future in as_completed(futures):
+            done[futures[future]] = future.result()
+            landed(futures[future], done[futures[future]])
+        return {key: done[key] for key in args}
 
 
 def _save_record(out: Path, clean: dict[str, Any]) -> None:
