@@ -4,7 +4,7 @@ IMAGE_DECODE_CPU_SECONDS, CLIP_PREPROCESS_CPU_SECONDS) and print them next to th
     python bench/cpu_image_costs.py [--size 1024] [--repeats 9]
 
 Per format (JPEG quality 95, PNG), on one thread: encoding a generated-looking image the way the draw stages do
-(`stages.base.encode_image`), decoding it the way the scorer does (`stages.engines.image.decode_image`), and
+(`stages.base.encode_image`), decoding it the way the scorer does (`schemas.local.decode_rgb`), and
 open_clip's ViT-L-14 preprocessing (resize to 224, crop, normalise). CPU time of the thread (`time.thread_time`) is
 measured, not wall time, so that other jobs on the machine skew it less; the median of the repeats is printed.
 """
@@ -57,8 +57,8 @@ def main() -> None:
     import torch
 
     from pipeline import plan
+    from schemas.local import decode_rgb
     from stages.base import encode_image
-    from stages.engines.image import decode_image
 
     torch.set_num_threads(1)
     _, _, preprocess = open_clip.create_model_and_transforms("ViT-L-14", pretrained=None)
@@ -69,7 +69,7 @@ def main() -> None:
     rows = []
     for fmt in ("jpeg", "png"):
         enc, data = _cpu_seconds(lambda fmt=fmt: encode_image(img, fmt, 95), args.repeats)
-        dec, decoded = _cpu_seconds(lambda data=data: decode_image(data), args.repeats)
+        dec, decoded = _cpu_seconds(lambda data=data: decode_rgb(data), args.repeats)
         rows.append((f"{fmt} encode ({len(data) / 1e6:.2f} MB)", enc, plan.IMAGE_ENCODE_CPU_SECONDS[fmt]))
         rows.append((f"{fmt} decode", dec, plan.IMAGE_DECODE_CPU_SECONDS[fmt]))
     pre, _ = _cpu_seconds(lambda: preprocess(decoded), args.repeats)

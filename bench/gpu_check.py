@@ -28,10 +28,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from schemas.config import ImageModelConfig, ScoreConfig  # noqa: E402
+from schemas.config import ScoreConfig  # noqa: E402
 from stages.engines.clip import ClipScorer  # noqa: E402
 from stages.engines.image import DiffusersImageEngine  # noqa: E402
-from stages.tiny_image import IMAGE_SIZE, build_tiny_clip, build_tiny_diffusion, tiny_clip_score_fields  # noqa: E402
+from stages.tiny_image import (  # noqa: E402
+    build_tiny_clip,
+    build_tiny_diffusion,
+    tiny_clip_score_fields,
+    tiny_diffusion_config,
+)
 
 PROMPTS = [
     "a red cube on a blue sphere",
@@ -99,16 +104,7 @@ def run(device: str, batch: int, steps: int, big: int, root: Path) -> dict[str, 
     clip_path = build_tiny_clip(root)
     timings["build_tiny_clip"] = time.perf_counter() - start
 
-    cfg = ImageModelConfig(
-        model=str(sd_path),
-        steps=steps,
-        guidance_scale=3.0,
-        height=IMAGE_SIZE,
-        width=IMAGE_SIZE,
-        dtype="bfloat16",
-        img2img=True,
-        strength=0.5,
-    )
+    cfg = tiny_diffusion_config(sd_path, steps=steps, dtype="bfloat16")
     engine = DiffusersImageEngine(cfg, device=device)
     start = time.perf_counter()
     engine.setup()

@@ -35,9 +35,10 @@ sys.path.insert(0, str(ROOT))  # run as a script from anywhere
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from schemas.config import ScoreConfig  # noqa: E402
+from schemas.local import decode_rgb  # noqa: E402
 from schemas.work import WORK_COLUMNS, Batch, new_row  # noqa: E402
 from stages.engines.clip import ClipScorer, default_threads  # noqa: E402
-from stages.engines.image import decode_image, resolve_device  # noqa: E402
+from stages.engines.image import resolve_device  # noqa: E402
 from stages.score import ScoreStage  # noqa: E402
 
 # --- the old path, as it was before the fast scorer -----------------------------------------------------------------
@@ -65,7 +66,7 @@ class OldClipScorer:
         rows = []
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
-            pixels = torch.stack([self.preprocess(decode_image(b)) for b in chunk]).to(self.device)
+            pixels = torch.stack([self.preprocess(decode_rgb(b)) for b in chunk]).to(self.device)
             with torch.inference_mode():
                 rows.append(self.model.encode_image(pixels, normalize=True).float())
         return torch.cat(rows)

@@ -2,14 +2,40 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Annotated, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
+from schemas.local import TINY_BUILDER_KINDS, TINY_PREFIX
 from schemas.stages import STAGES, StageName, model_stages
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def _tiny_name(kinds: tuple[str, ...]) -> AfterValidator:
+    """A model name is a Hub id or path, or `tiny:<kind>` with a kind of `kinds` (the tiny models that can serve
+    this role, all of them schemas.local.TINY_BUILDER_KINDS): an unknown tiny name is a config error here, not a
+    failure inside a stage actor when the model is built."""
+    assert set(kinds) <= set(TINY_BUILDER_KINDS), kinds
+
+    def check(name: str) -> str:
+        kind = name.removeprefix(TINY_PREFIX)
+        if name.startswith(TINY_PREFIX) and kind not in kinds:
+            known = ", ".join(TINY_PREFIX + k for k in kinds)
+            if kind in TINY_BUILDER_KINDS:
+                raise ValueError(f"tiny model {name!r} cannot serve here; use {known}")
+            raise ValueError(f"unknown tiny model {name!r}; known here: {known}")
+        return name
+
+    return AfterValidator(check)
+
+
+#: The model name of a text stage (tiny: a Qwen2 LM or Qwen2-VL), of an image stage (tiny: SD) and of the scorer.
+TextModelName = Annotated[str, _tiny_name(("llm", "vlm"))]
+ImageModelName = Annotated[str, _tiny_name(("sd",))]
+ScoreModelName = Annotated[str, _tiny_name(("clip",))]
 
 
 class StrictModel(BaseModel):
@@ -65,7 +91,11 @@ class TextModelConfig(StrictModel):
     engine: Literal["vllm", "transformers"] = Field(
         "vllm", description="Generation engine; transformers is the fallback."
     )
-    model: str = Field(..., description="Hub id or local path of the model (loaded with from_pretrained / vllm.LLM).")
+    model: TextModelName = Field(
+        ...,
+        description="Hub id or local path of the model (loaded with from_pretrained / vllm.LLM), or tiny:llm / "
+        "tiny:vlm.",
+    )
     max_tokens: int = Field(512, ge=8, description="Maximum new tokens per generation.")
     temperature: float = Field(0.7, ge=0, description="Sampling temperature (0 = greedy).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus sampling mass.")
@@ -89,7 +119,9 @@ class TextModelConfig(StrictModel):
 class ImageModelConfig(StrictModel):
     """A diffusers text-to-image (and optionally image-to-image) pipeline."""
 
-    model: str = Field(..., description="Hub id or local path loaded with diffusers' from_pretrained.")
+    model: ImageModelName = Field(
+        ..., description="Hub id or local path loaded with diffusers' from_pretrained, or tiny:sd."
+    )
     steps: int = Field(28, ge=1, description="Denoising steps.")
     guidance_scale: float = Field(3.5, ge=0, description="Classifier-free guidance scale.")
     height: int = Field(1024, ge=16, description="Image height in pixels.")
@@ -98,7 +130,14 @@ class ImageModelConfig(StrictModel):
         "bfloat16", description="Torch dtype on GPU (CPU uses float32)."
     )
     img2img: bool = Field(False, description="Refine: condition I2 on I1 with the image-to-image variant.")
-    strength: float = Field(0.6, gt=0, le=1, description="Image-to-image strength (how far from I1 to move).")
+    strength: float = Field(
+        0.6,
+        gt=0,
+        le=1,
+        validate_default=True,  # the steps x strength rule below also holds for the default strength
+        description="Image-to-image strength (how far from I1 to move); img2img runs floor(steps x strength) "
+        "denoising steps, which must be at least 1.",
+    )
     # exclude=True keeps this pure performance knob out of model_dump(), hence out of generation_hash(): compiling
     # changes kernels, not the model, so an OUT built eager resumes compiled and vice versa.
     compile: bool = Field(
@@ -109,11 +148,24 @@ class ImageModelConfig(StrictModel):
         "Performance only: not part of the generation hash. Leave off on CPU.",
     )
 
+    @field_validator("strength")
+    @classmethod
+    def _img2img_steps(cls, strength: float, info: ValidationInfo) -> float:
+        # diffusers runs int(steps * strength) denoising steps in img2img; 0 would be an error mid-run.
+        steps = info.data.get("steps")
+        if info.data.get("img2img") and steps is not None and math.floor(steps * strength) < 1:
+            raise ValueError(
+                f"img2img with steps={steps} and strength={strength} runs no denoising step; raise steps or strength"
+            )
+        return strength
+
 
 class ScoreConfig(StrictModel):
     """open_clip scoring and the verdict rule."""
 
-    model: str = Field("ViT-L-14", description="open_clip model name (or 'local-dir:PATH' for a saved tiny model).")
+    model: ScoreModelName = Field(
+        "ViT-L-14", description="open_clip model name, 'local-dir:PATH' for a saved model, or tiny:clip."
+    )
     pretrained: str = Field("openai", description="open_clip pretrained tag or checkpoint path.")
     min_clip_i2: float = Field(0.0, description="Filter trajectories whose I2-prompt CLIP similarity is below this.")
     min_improvement: float = Field(

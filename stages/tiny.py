@@ -9,26 +9,24 @@ not depend on where the cache lives.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 from schemas.config import ImageModelConfig, ScoreConfig, TextModelConfig
+from schemas.local import TINY_BUILDER_KINDS, TINY_PREFIX, tiny_root
 
-PREFIX = "tiny:"
-
-
-def tiny_root(directory: Path | str | None = None) -> Path:
-    if directory is not None:
-        return Path(directory)
-    return Path(os.environ.get("IRGL_TINY_DIR", Path.home() / ".cache" / "irgl" / "tiny"))
+# Re-exported for callers that import them from here (pipeline/build.py, pipeline/cli.py); defined in schemas.local.
+PREFIX = TINY_PREFIX
+__all__ = ["PREFIX", "build_all", "resolve_image", "resolve_score", "resolve_text", "tiny_path", "tiny_root"]
 
 
 def _builders() -> dict[str, Callable[[Path], Path]]:
     from stages.tiny_image import build_tiny_clip, build_tiny_diffusion
     from stages.tiny_text import build_tiny_llm, build_tiny_vlm
 
-    return {"llm": build_tiny_llm, "vlm": build_tiny_vlm, "sd": build_tiny_diffusion, "clip": build_tiny_clip}
+    builders = {"llm": build_tiny_llm, "vlm": build_tiny_vlm, "sd": build_tiny_diffusion, "clip": build_tiny_clip}
+    assert tuple(builders) == TINY_BUILDER_KINDS, "schemas.local.TINY_BUILDER_KINDS names these builders"
+    return builders
 
 
 def build_all(directory: Path | str | None = None) -> dict[str, Path]:
@@ -38,28 +36,29 @@ def build_all(directory: Path | str | None = None) -> dict[str, Path]:
 
 
 def tiny_path(name: str, directory: Path | str | None = None) -> Path:
-    """The folder of `tiny:<kind>`, building it if needed."""
-    kind = name[len(PREFIX) :]
+    """The folder of `tiny:<kind>`, building it if needed. Configs never get here with an unknown kind (the config
+    models refuse it, schemas/config.py); a direct call with one raises ValueError."""
+    kind = name.removeprefix(TINY_PREFIX)
     builders = _builders()
-    if kind not in builders:
-        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(PREFIX + k for k in builders)}")
+    if not name.startswith(TINY_PREFIX) or kind not in builders:
+        raise ValueError(f"unknown tiny model {name!r}; known: {', '.join(TINY_PREFIX + k for k in builders)}")
     return builders[kind](tiny_root(directory))
 
 
 def resolve_text(cfg: TextModelConfig) -> TextModelConfig:
     """The config with a `tiny:` model name replaced by its local folder (other names unchanged)."""
-    if cfg.model.startswith(PREFIX):
+    if cfg.model.startswith(TINY_PREFIX):
         return cfg.model_copy(update={"model": str(tiny_path(cfg.model))})
     return cfg
 
 
 def resolve_image(cfg: ImageModelConfig) -> ImageModelConfig:
-    if cfg.model.startswith(PREFIX):
+    if cfg.model.startswith(TINY_PREFIX):
         return cfg.model_copy(update={"model": str(tiny_path(cfg.model))})
     return cfg
 
 
 def resolve_score(cfg: ScoreConfig) -> ScoreConfig:
-    if cfg.model.startswith(PREFIX):
+    if cfg.model.startswith(TINY_PREFIX):
         return cfg.model_copy(update={"model": f"local-dir:{tiny_path(cfg.model).resolve()}", "pretrained": ""})
     return cfg

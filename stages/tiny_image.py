@@ -11,23 +11,25 @@ fixed seeds and saved in the libraries' own on-disk formats:
   open_clip_model.safetensors) loaded with `model='local-dir:<path>'`; it uses open_clip's default tokenizer,
   whose BPE vocabulary ships inside the open_clip package (works offline).
 
-Both builders are idempotent (a completion marker; built in a temporary sibling folder and renamed into place, so a
-crash never leaves a half-written model behind) and deterministic (same bytes twice). Heavy imports live inside the
+Both builders are idempotent (`schemas.local.build_once`: a completion marker holding the recipe; built in a temporary
+sibling folder and renamed into place, so a crash never leaves a half-written model behind) and deterministic (same
+bytes twice). Heavy imports live inside the
 functions so importing this module is cheap.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
+
+from schemas.config import ImageModelConfig
+from schemas.local import build_once
 
 DIFFUSION_NAME = "tiny-sd"
 CLIP_NAME = "tiny-clip"
-MARKER = ".complete"
+#: Bump when a builder below changes, so that cached folders of the old recipe are rebuilt (`build_once` compares
+#: the recipe written into a folder's marker).
+RECIPE_VERSION = 1
 SEED = 1234
 IMAGE_SIZE = 64  # pixels; the VAE downsamples by 8, so latents are 8x8
 TOKENIZER_MAX_LENGTH = 77  # CLIP's context length; the SD pipeline pads every prompt to it
@@ -45,35 +47,6 @@ _BPE_CORPUS = [
     "a close-up portrait of an old man wearing a hat and glasses",
     "three birds flying over the ocean at sunset",
 ]
-
-
-def _build_once(root: Path, name: str, build: Callable[[Path], None]) -> Path:
-    """Build `root/name` with `build(tmp_dir)` unless its completion marker exists; atomic via rename.
-
-    Concurrent builders (e.g. pytest-xdist workers) each build into their own temp dir; the first rename wins and
-    the others discard their copy, so the final folder is always complete.
-    """
-    root = Path(root)
-    final = root / name
-    if (final / MARKER).is_file():
-        return final
-    root.mkdir(parents=True, exist_ok=True)
-    if final.exists():  # a leftover without marker: never trust it
-        shutil.rmtree(final, ignore_errors=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}-", dir=root))
-    try:
-        build(tmp)
-        for path in [tmp, *tmp.rglob("*")]:  # mkdtemp/safetensors create 0700/0600; other workers must read them
-            path.chmod(0o755 if path.is_dir() else 0o644)
-        (tmp / MARKER).write_text("ok\n", encoding="utf-8")
-        try:
-            os.replace(tmp, final)
-        except OSError:
-            if not (final / MARKER).is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
 
 
 def _byte_unicode_alphabet() -> list[str]:
@@ -230,7 +203,16 @@ def build_tiny_diffusion(root: Path) -> Path:
     about 1 MB of weights; its default output is 64x64 RGB and it loads with `DiffusionPipeline.from_pretrained`
     and wraps with `AutoPipelineForImage2Image.from_pipe`.
     """
-    return _build_once(Path(root), DIFFUSION_NAME, _build_diffusion)
+    return build_once(Path(root) / DIFFUSION_NAME, f"{DIFFUSION_NAME}-{RECIPE_VERSION}", _build_diffusion)
+
+
+def tiny_diffusion_config(path: Path, steps: int = 4, dtype: str = "float32") -> ImageModelConfig:
+    """An `ImageModelConfig` for the tiny pipeline at `path`: 64x64, `steps` steps, guidance 3, img2img on with
+    strength 0.5 (half the steps refine)."""
+    return ImageModelConfig(
+        model=str(path), steps=steps, guidance_scale=3.0, height=IMAGE_SIZE, width=IMAGE_SIZE, dtype=dtype,
+        img2img=True, strength=0.5,
+    )  # fmt: skip
 
 
 def tiny_clip_model_cfg() -> dict:
@@ -271,7 +253,7 @@ def build_tiny_clip(root: Path) -> Path:
     Use it as `ScoreConfig(model=f"local-dir:{path}", pretrained="")` (see `tiny_clip_score_fields`): open_clip's
     `local-dir:` schema reads open_clip_config.json and the safetensors checkpoint from the folder.
     """
-    return _build_once(Path(root), CLIP_NAME, _build_clip)
+    return build_once(Path(root) / CLIP_NAME, f"{CLIP_NAME}-{RECIPE_VERSION}", _build_clip)
 
 
 def tiny_clip_score_fields(path: Path) -> dict[str, str]:

@@ -25,20 +25,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import random
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from schemas.local import build_once
 from schemas.reflection import HEADINGS, THINK_CLOSE, THINK_OPEN
 
 TINY_VLM_NAME = "tiny-qwen2-vl"
 TINY_LLM_NAME = "tiny-qwen2"
-
-#: Written last into a model directory: its presence means the build completed.
-DONE_MARKER = ".irgl-complete"
 
 #: Bump when the recipe changes so that stale tiny models are rebuilt instead of reused. (The training corpus is
 #: also hashed into the completion marker, so a change of the instructions it is made from rebuilds them too.)
@@ -110,36 +105,6 @@ _CORPUS_LINES: tuple[str, ...] = (
     "<|vision_start|><|image_pad|><|vision_end|> Look at the image and reflect on it.",
     "0 1 2 3 4 5 6 7 8 9 10 . , ; : ! ? ' \" ( ) [ ] - _ / # ### * + = < > \n\n",
 )
-
-
-def _atomic_build(target: Path, build: Any) -> Path:
-    """Run `build(tmpdir)` and move the result to `target`; skip when `target` holds a complete build.
-
-    Writing to a sibling temp dir and renaming makes concurrent or interrupted builds safe: a reader either sees
-    no directory or a complete one (the marker is written before the rename).
-    """
-    marker = target / DONE_MARKER
-    recipe = _recipe_id()
-    if marker.exists() and marker.read_text().strip() == recipe:
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
-    try:
-        build(tmp)
-        (tmp / DONE_MARKER).write_text(f"{recipe}\n")
-        if target.exists():
-            # A stale or incomplete build: replace it.
-            shutil.rmtree(target)
-        try:
-            os.replace(tmp, target)
-        except OSError:
-            # Another process completed the same build first; theirs is identical.
-            if not (target / DONE_MARKER).exists():
-                raise
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return target
 
 
 def _train_tokenizer() -> Any:
@@ -308,8 +273,9 @@ def _training_examples(with_images: bool) -> list[dict[str, Any]]:
 
 
 def _recipe_id() -> str:
-    """RECIPE_VERSION plus a digest of the training settings and both corpora: written into DONE_MARKER and
-    compared on reuse, so a cached model made by another recipe is rebuilt."""
+    """RECIPE_VERSION plus a digest of the training settings and both corpora: the recipe that
+    `schemas.local.build_once` writes into the folder's marker and compares on reuse, so a cached model made by
+    another recipe is rebuilt."""
     recipe = [TRAIN_STEPS, TRAIN_BATCH, TRAIN_LR, TRAIN_EXAMPLES, TRAIN_KIND_WEIGHTS, VOCAB_SIZE, SEED]
     corpus = json.dumps([recipe, _training_examples(True), _training_examples(False)], sort_keys=True)
     return f"{RECIPE_VERSION}-{hashlib.sha256(corpus.encode('utf-8')).hexdigest()[:16]}"
@@ -505,9 +471,9 @@ def _build_llm(out: Path) -> None:
 
 def build_tiny_vlm(root: Path) -> Path:
     """Build (once) the tiny Qwen2-VL under `root/tiny-qwen2-vl/` and return its path."""
-    return _atomic_build(Path(root) / TINY_VLM_NAME, _build_vlm)
+    return build_once(Path(root) / TINY_VLM_NAME, _recipe_id(), _build_vlm)
 
 
 def build_tiny_llm(root: Path) -> Path:
     """Build (once) the tiny Qwen2 causal LM under `root/tiny-qwen2/` and return its path."""
-    return _atomic_build(Path(root) / TINY_LLM_NAME, _build_llm)
+    return build_once(Path(root) / TINY_LLM_NAME, _recipe_id(), _build_llm)

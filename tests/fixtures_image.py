@@ -1,7 +1,8 @@
 """Session fixtures for the image side: tiny diffusion and CLIP models (built once) and engines (set up once).
 
 Star-imported by conftest.py. The models come from `stages.tiny_image` (fixed configs and seeds, saved in the
-libraries' own formats) and load through the production loaders, so nothing is mocked and nothing is downloaded.
+libraries' own formats), live in `tiny_models_root` (fixtures_text.py) with the text models, and load through the
+production loaders, so nothing is mocked and nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -13,10 +14,9 @@ import pytest
 from schemas.config import ImageModelConfig, ScoreConfig
 from stages.engines.clip import ClipScorer
 from stages.engines.image import DiffusersImageEngine
-from stages.tiny_image import IMAGE_SIZE, build_tiny_clip, build_tiny_diffusion, tiny_clip_score_fields
+from stages.tiny_image import build_tiny_clip, build_tiny_diffusion, tiny_clip_score_fields, tiny_diffusion_config
 
 __all__ = [
-    "tiny_image_root",
     "tiny_diffusion_path",
     "tiny_image_model_config",
     "tiny_clip",
@@ -26,36 +26,21 @@ __all__ = [
 
 
 @pytest.fixture(scope="session")
-def tiny_image_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One folder per test session that holds the tiny image models."""
-    return tmp_path_factory.mktemp("tiny_image_models")
-
-
-@pytest.fixture(scope="session")
-def tiny_diffusion_path(tiny_image_root: Path) -> Path:
+def tiny_diffusion_path(tiny_models_root: Path) -> Path:
     """Folder of the tiny SD pipeline: use str(path) as ImageModelConfig.model."""
-    return build_tiny_diffusion(tiny_image_root)
+    return build_tiny_diffusion(tiny_models_root)
 
 
 @pytest.fixture(scope="session")
 def tiny_image_model_config(tiny_diffusion_path: Path) -> ImageModelConfig:
     """An ImageModelConfig for the tiny pipeline: 64x64, 4 steps, img2img on (strength 0.5 -> 2 refine steps)."""
-    return ImageModelConfig(
-        model=str(tiny_diffusion_path),
-        steps=4,
-        guidance_scale=3.0,
-        height=IMAGE_SIZE,
-        width=IMAGE_SIZE,
-        dtype="float32",
-        img2img=True,
-        strength=0.5,
-    )
+    return tiny_diffusion_config(tiny_diffusion_path, steps=4, dtype="float32")
 
 
 @pytest.fixture(scope="session")
-def tiny_clip(tiny_image_root: Path) -> dict[str, str]:
+def tiny_clip(tiny_models_root: Path) -> dict[str, str]:
     """ScoreConfig fields for the tiny open_clip model: ScoreConfig(**tiny_clip, min_clip_i2=...)."""
-    return tiny_clip_score_fields(build_tiny_clip(tiny_image_root))
+    return tiny_clip_score_fields(build_tiny_clip(tiny_models_root))
 
 
 @pytest.fixture(scope="session")

@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 
 from schemas.config import TextModelConfig
+from schemas.local import tiny_root
 from schemas.reflection import reflection_regex_max_chars
 from stages.engines.text import VLLMTextEngine
-from stages.tiny import tiny_root
 from stages.tiny_text import build_tiny_llm, build_tiny_vlm
 
 __all__ = [
@@ -23,7 +23,7 @@ __all__ = [
     "TEST_SECTION_CHARS",
     "TEST_SMALL_SECTION_CHARS",
     "tiny_llm_path",
-    "tiny_text_root",
+    "tiny_models_root",
     "tiny_vlm_path",
     "tiny_vlm_config",
     "vlm_engine",
@@ -41,23 +41,24 @@ TEST_MAX_TOKENS = 4 * reflection_regex_max_chars(TEST_SECTION_CHARS)
 
 
 @pytest.fixture(scope="session")
-def tiny_text_root() -> Path:
-    """Where the tiny text models of this session live: `$IRGL_TINY_DIR` (conftest.py points it at a per-machine
-    folder), shared with the builds' `tiny:` names. Builds are idempotent and a cached model is reused only if it
-    was made by the same recipe (stages/tiny_text.py `_recipe_id`), so the brief training runs once per machine."""
+def tiny_models_root() -> Path:
+    """Where the tiny models (text and image) of this session live: `$IRGL_TINY_DIR` (conftest.py points it at a
+    per-machine folder), shared with the builds' `tiny:` names. Builds are idempotent and a cached model is reused
+    only if it was made by the same recipe (`schemas.local.build_once`; stages/tiny_text.py `_recipe_id`), so the
+    tiny text models' brief training runs once per machine."""
     return tiny_root()
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm_path(tiny_text_root: Path) -> Path:
+def tiny_vlm_path(tiny_models_root: Path) -> Path:
     """The tiny Qwen2-VL checkpoint directory."""
-    return build_tiny_vlm(tiny_text_root)
+    return build_tiny_vlm(tiny_models_root)
 
 
 @pytest.fixture(scope="session")
-def tiny_llm_path(tiny_text_root: Path) -> Path:
+def tiny_llm_path(tiny_models_root: Path) -> Path:
     """The tiny Qwen2 causal-LM checkpoint directory."""
-    return build_tiny_llm(tiny_text_root)
+    return build_tiny_llm(tiny_models_root)
 
 
 @pytest.fixture(scope="session")

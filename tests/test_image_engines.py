@@ -14,11 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pydantic import ValidationError
 
 from schemas.config import ImageModelConfig, ScoreConfig
+from schemas.local import DONE_MARKER
 from stages.engines.clip import ClipScorer
 from stages.engines.image import DiffusersImageEngine
-from stages.tiny_image import MARKER, build_tiny_clip, build_tiny_diffusion, tiny_clip_score_fields
+from stages.tiny_image import build_tiny_clip, build_tiny_diffusion, tiny_clip_score_fields
 
 PROMPTS = ["a red cube on a blue sphere", "two cats on a sofa", "a lighthouse at night"]
 SEEDS = [11, 22, 33]
@@ -59,9 +61,9 @@ def test_tiny_models_build_deterministically_and_idempotently(
     assert tree_digest(again_sd) == tree_digest(tiny_diffusion_path)
     assert tree_digest(again_clip) == tree_digest(Path(tiny_clip["model"].removeprefix("local-dir:")))
     # Idempotent: a second call finds the marker and leaves the folder untouched.
-    mtime = (again_sd / MARKER).stat().st_mtime_ns
+    mtime = (again_sd / DONE_MARKER).stat().st_mtime_ns
     assert build_tiny_diffusion(tmp_path) == again_sd
-    assert (again_sd / MARKER).stat().st_mtime_ns == mtime
+    assert (again_sd / DONE_MARKER).stat().st_mtime_ns == mtime
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-clip", "tiny-sd"]  # no temp dirs left behind
 
 
@@ -144,12 +146,16 @@ def test_generate_validates_its_inputs(image_engine: DiffusersImageEngine) -> No
         image_engine.generate(PROMPTS, SEEDS, init_images=[b""])
 
 
-def test_img2img_disabled_or_without_steps(tiny_image_model_config: ImageModelConfig) -> None:
-    with pytest.raises(ValueError, match="no denoising step"):
-        DiffusersImageEngine(tiny_image_model_config.model_copy(update={"steps": 1, "strength": 0.5}))
+def test_img2img_disabled_or_without_steps(tiny_image_model_config: ImageModelConfig, t2i: list[Image.Image]) -> None:
+    # No denoising step (floor(steps x strength) = 0): the config refuses it before any engine exists.
+    with pytest.raises(ValidationError, match="no denoising step"):
+        ImageModelConfig(**{**tiny_image_model_config.model_dump(), "steps": 1, "strength": 0.5})
+    # img2img off: a set-up engine draws from prompts, and refuses init images instead of ignoring them.
     engine = DiffusersImageEngine(tiny_image_model_config.model_copy(update={"img2img": False}), device="cpu")
-    with pytest.raises(RuntimeError, match="setup"):
-        engine.generate(["x"], [0])
+    engine.setup()
+    assert engine.generate(PROMPTS[:1], SEEDS[:1])[0].size == t2i[0].size
+    with pytest.raises(RuntimeError, match="init_images given but img2img is disabled"):
+        engine.generate(PROMPTS[:1], SEEDS[:1], init_images=[png(t2i[0])])
 
 
 # --- ClipScorer --------------------------------------------------------------------------------------------------

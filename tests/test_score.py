@@ -18,6 +18,7 @@ from PIL import Image
 
 import stages.engines.clip as clip_module
 from schemas.config import BuildConfig, ConfigError, ScoreConfig, load_build_config
+from schemas.local import decode_rgb
 from schemas.work import FAILED, OK, WORK_COLUMNS, Batch, new_row
 from stages.engines.clip import (
     ClipScorer,
@@ -27,7 +28,6 @@ from stages.engines.clip import (
     split_preprocess,
     to_array,
 )
-from stages.engines.image import decode_image
 from stages.score import ScoreStage
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -144,13 +144,13 @@ def test_engine_api_agrees_with_score_pairs(scorer: ClipScorer, reference: list[
 def test_each_image_decoded_once_on_the_pool(scorer: ClipScorer, monkeypatch: pytest.MonkeyPatch) -> None:
     """The real decoder, wrapped to record which thread ran it and on what."""
     seen: list[tuple[bytes, str]] = []
-    real = clip_module.decode_image
+    real = clip_module.decode_rgb
 
     def recording(data: bytes) -> Image.Image:
         seen.append((data, threading.current_thread().name))
         return real(data)
 
-    monkeypatch.setattr(clip_module, "decode_image", recording)
+    monkeypatch.setattr(clip_module, "decode_rgb", recording)
     batch = make_batch()
     ScoreStage(ScoreConfig(model=scorer.cfg.model, pretrained=""), engine=scorer)(batch)
     decoded = sorted(data for data, _ in seen)
@@ -172,10 +172,10 @@ def test_pool_pixels_equal_open_clip_transform_bit_for_bit(scorer: ClipScorer) -
         assert split is not None
         for data in images:
             want = preprocess(Image.open(io.BytesIO(data)).convert("RGB"))
-            got = torch.from_numpy(to_array(split[0](decode_image(data)), split[1], split[2]))
+            got = torch.from_numpy(to_array(split[0](decode_rgb(data)), split[1], split[2]))
             assert got.dtype == want.dtype and got.shape == want.shape and torch.equal(got, want)
     for data in images:
-        assert torch.equal(torch.as_tensor(scorer._pixels(("x", data))), scorer._preprocess(decode_image(data)))
+        assert torch.equal(torch.as_tensor(scorer._pixels(("x", data))), scorer._preprocess(decode_rgb(data)))
     # A transform of another shape is not split: the scorer then runs it whole on the pool threads.
     odd = transforms.Compose([*scorer._preprocess.transforms, transforms.Lambda(lambda t: t * 2)])
     assert split_preprocess(odd) is None

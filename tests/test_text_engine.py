@@ -18,9 +18,10 @@ from fixtures_text import TEST_SECTION_CHARS
 
 from pipeline.synthetic import draw
 from schemas.config import TextModelConfig
+from schemas.local import DONE_MARKER
 from schemas.reflection import parse_reflection, reflection_regex, strip_think, think_regex
 from stages.engines.text import TextRequest, TransformersTextEngine, VLLMTextEngine, make_text_engine
-from stages.tiny_text import DONE_MARKER, build_tiny_llm, build_tiny_vlm
+from stages.tiny_text import build_tiny_llm, build_tiny_vlm
 
 pytestmark = pytest.mark.slow
 

@@ -21,7 +21,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any
 
 from schemas.config import ScoreConfig
-from stages.engines.image import decode_image, resolve_device
+from schemas.local import decode_rgb
+from stages.engines.image import resolve_device
 
 _SCHEMAS = ("local-dir:", "hf-hub:")
 _MAX_DEFAULT_THREADS = 32
@@ -191,7 +192,7 @@ class ClipScorer:
         image cannot stop the others."""
         label, data = item
         try:
-            img = decode_image(data)
+            img = decode_rgb(data)
             if self._split is None:
                 return self._preprocess(img)
             pil_part, mean, std = self._split

@@ -12,12 +12,11 @@ torch and diffusers are imported in `setup()` only, so importing this module (e.
 from __future__ import annotations
 
 import inspect
-import io
-import math
 import warnings
 from typing import TYPE_CHECKING, Any
 
 from schemas.config import ImageModelConfig
+from schemas.local import decode_rgb
 
 if TYPE_CHECKING:
     from PIL import Image
@@ -30,15 +29,6 @@ def resolve_device(device: str) -> str:
     import torch
 
     return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-def decode_image(data: bytes) -> Image.Image:
-    """Decode PNG/JPEG bytes into an RGB PIL image (fully loaded, so the buffer can go away)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        img.load()
-        return img.convert("RGB")
 
 
 class DiffusersImageEngine:
@@ -60,12 +50,7 @@ class DiffusersImageEngine:
         self._t2i_params: frozenset[str] = frozenset()
         self._i2i_params: frozenset[str] = frozenset()
         self.compiled: str | None = None  # which denoiser torch.compile wraps (cfg.compile), once set up
-        if cfg.img2img and math.floor(cfg.steps * cfg.strength) < 1:
-            # diffusers runs int(steps * strength) denoising steps in img2img; 0 would be an error mid-run.
-            raise ValueError(
-                f"img2img with steps={cfg.steps} and strength={cfg.strength} runs no denoising step; "
-                "raise steps or strength"
-            )
+        # (img2img needs at least one denoising step: ImageModelConfig refuses steps x strength < 1.)
 
     @property
     def model_name(self) -> str:
@@ -146,7 +131,7 @@ class DiffusersImageEngine:
             size = (self.cfg.width, self.cfg.height)
             images = []
             for data in init_images:
-                img = decode_image(data)
+                img = decode_rgb(data)
                 images.append(img if img.size == size else img.resize(size, Image.Resampling.BICUBIC))
             kwargs["image"] = images
             kwargs["strength"] = self.cfg.strength

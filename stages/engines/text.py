@@ -11,7 +11,6 @@ an actor only pays for the engine it actually uses. Never import ray here.
 from __future__ import annotations
 
 import gc
-import io
 import logging
 import queue
 import threading
@@ -21,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from schemas.config import TextModelConfig
+from schemas.local import decode_rgb
 from stages.engines.errors import EngineDead, is_engine_dead
 
 logger = logging.getLogger(__name__)
@@ -42,14 +42,6 @@ class TextRequest:
     """Per-request sampling seed: the same request and seed give the same output."""
 
 
-def _decode_image(data: bytes) -> Any:
-    """Decode encoded image bytes into an RGB PIL image (vision processors expect three channels)."""
-    from PIL import Image
-
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
-
-
 def _messages(request: TextRequest, pil_key: str) -> list[dict[str, Any]]:
     """OpenAI-style chat messages for a request: images first, then the text, as the VLM templates expect.
 
@@ -60,7 +52,7 @@ def _messages(request: TextRequest, pil_key: str) -> list[dict[str, Any]]:
     if request.system:
         messages.append({"role": "system", "content": request.system})
     if request.images:
-        content: list[dict[str, Any]] = [{"type": pil_key, pil_key: _decode_image(b)} for b in request.images]
+        content: list[dict[str, Any]] = [{"type": pil_key, pil_key: decode_rgb(b)} for b in request.images]
         content.append({"type": "text", "text": request.prompt})
         messages.append({"role": "user", "content": content})
     else:
