@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from schemas.conversation import conversation_from_json
-from schemas.modes import FULL_MODES, MODES
+from schemas.modes import FULL_MODES, MODES, MODES_BY_NAME
 
 T, V, G = "text", "vit", "gen"
 # Expected spans per mode: (origin, kind, loss). Every text part is followed by its EOS, a target exactly when the
@@ -103,42 +103,101 @@ def _encoded(dataset: Path, fmt: object, number: int) -> tuple[object, list]:
 
 
 @pytest.mark.parametrize("number", [1, 2, 3, 4, 5, 6])
-def test_masks_follow_flags_span_by_span(dataset: Path, fmt: object, number: int) -> None:
-    from trainer.batch import collate
-    from trainer.records import GEN, TEXT, VIT
-
-    rec, turns = _encoded(dataset, fmt, number)
+def test_segments_of_each_mode_are_the_documented_layout(dataset: Path, fmt: object, number: int) -> None:
+    rec, _ = _encoded(dataset, fmt, number)
     assert [(s.origin, s.kind, s.loss) for s in rec.segments] == EXPECTED[number]
-    batch = collate([rec])
-    labels = batch.text_labels[0].tolist()
-    target = batch.image_target[0].tolist()
-    ids = batch.input_ids[0].tolist()
-    assert batch.position_ids[0].tolist() == list(range(len(ids)))
-    pos = 0
-    for seg in rec.segments:
-        span = range(pos, pos + len(seg.ids))
-        assert ids[pos : pos + len(seg.ids)] == list(seg.ids)
-        if seg.kind == TEXT:
-            want = list(seg.ids) if seg.loss else [-100] * len(seg.ids)
-            assert [labels[i] for i in span] == want, seg.origin
-            assert not any(target[i] for i in span)
-            t, _, rest = seg.origin.partition(" part ")
-            if rest.isdigit():  # a text part: exactly its tokens, with its own need_loss
-                part = turns[int(t.split()[1])]["content"][int(rest)]
-                assert list(seg.ids) == fmt.tokenize(part["content"])
-                assert seg.loss == part["need_loss"]
-        else:
-            n = fmt.num_vit_tokens if seg.kind == VIT else fmt.num_gen_tokens
-            assert len(seg.ids) == n and all(labels[i] == -100 for i in span)
-            assert [target[i] for i in span] == [seg.kind == GEN and seg.loss] * n
-        pos += len(seg.ids)
-    assert pos == len(ids)
-    # User turns never carry loss; images: vit slots match the need_vit images, gen slots the vae/loss ones.
-    parts = [p for t in turns if t["role"] == "assistant" for p in t["content"] if p["type"] == "image"]
-    assert batch.vit_positions.shape[0] == sum(p["need_vit"] for p in parts)
-    assert batch.gen_positions.shape[0] == sum(p["need_vae"] or p["need_loss"] for p in parts)
-    assert int(batch.image_target.sum()) == fmt.num_gen_tokens * sum(p["need_loss"] for p in parts)
-    assert (number in (3, 6)) == (MODES[number - 1].name in FULL_MODES)
+
+
+def _flipped(turns: list) -> list:
+    """The same conversation with every assistant part's need_loss flipped (flags, not the mode, decide)."""
+    import copy
+
+    out = copy.deepcopy(turns)
+    for turn in out:
+        if turn["role"] == "assistant":
+            for part in turn["content"]:
+                part["need_loss"] = not part["need_loss"]
+    return out
+
+
+def test_masks_follow_flags_span_by_span(dataset: Path, fmt: object) -> None:
+    """One pack of twelve records, one per mode and the same ones with every need_loss flipped: walking the pack
+    span by span, each label, image-target bit, position id and mode id is what the owning record's part flags say
+    (read from the conversation, not from the segments), and the image slots point at that record's images."""
+    import base64
+
+    from trainer.batch import collate
+    from trainer.records import GEN, TEXT, VIT, encode_conversation
+
+    records, convs = [], []
+    for number in range(1, 7):
+        rec, turns = _encoded(dataset, fmt, number)
+        for k, t in enumerate((turns, _flipped(turns))):
+            records.append(encode_conversation(t, fmt, record_id=f"{rec.id}-{k}", mode=rec.mode,
+                                               resolve=base64.b64decode))  # fmt: skip
+            convs.append(t)
+    batch = collate(records)
+    ids, labels = batch.input_ids[0].tolist(), batch.text_labels[0].tolist()
+    target, positions = batch.image_target[0].tolist(), batch.position_ids[0].tolist()
+    mode_ids = batch.mode_ids[0].tolist()
+    vit = [tuple(r) for r in batch.vit_positions.tolist()]
+    gen = [tuple(r) for r in batch.gen_positions.tolist()]
+    assert batch.record_ids == [r.id for r in records]
+    pos, n_vit, n_gen = 0, 0, 0
+    for rec, turns in zip(records, convs, strict=True):
+        start, seen = pos, Counter()
+        parts = {f"turn {t} part {p}": part for t, turn in enumerate(turns) if turn["role"] == "assistant"
+                 for p, part in enumerate(turn["content"])}  # fmt: skip
+        for seg in rec.segments:
+            span = range(pos, pos + len(seg.ids))
+            assert ids[pos : span.stop] == list(seg.ids)
+            assert positions[pos : span.stop] == list(range(pos - start, span.stop - start)), rec.id
+            assert mode_ids[pos : span.stop] == [MODES_BY_NAME[rec.mode].index] * len(span)
+            base, _, suffix = seg.origin.rpartition(" ") if seg.origin.endswith((" eos", " boi", " eoi")) else (
+                seg.origin, "", "")  # fmt: skip
+            part = parts.get(base)
+            if seg.kind == TEXT:
+                # Text of a part, or the EOS closing it: a target exactly when the part's need_loss says so.
+                # Everything else (BOS, user turns, template, BOI/EOI, a closing EOS) never is.
+                loss = part is not None and part["type"] == "text" and suffix in ("", "eos")
+                loss = loss and part["need_loss"]
+                assert labels[pos : span.stop] == (list(seg.ids) if loss else [-100] * len(span)), seg.origin
+                assert not any(target[pos : span.stop]), seg.origin
+                if part is not None and part["type"] == "text":
+                    seen[(base, suffix)] += 1
+                    if suffix == "":
+                        assert list(seg.ids) == fmt.tokenize(part["content"])
+                    else:
+                        assert list(seg.ids) == [fmt.eos_id]
+            else:
+                assert part is not None and part["type"] == "image", seg.origin
+                seen[(base, seg.kind)] += 1
+                slots = tuple(span)
+                if seg.kind == VIT:
+                    assert vit[n_vit] == slots and len(slots) == fmt.num_vit_tokens
+                    assert batch.vit_images[n_vit] == base64.b64decode(part["content"])
+                    n_vit += 1
+                else:
+                    assert gen[n_gen] == slots and len(slots) == fmt.num_gen_tokens
+                    assert batch.gen_images[n_gen] == base64.b64decode(part["content"])
+                    n_gen += 1
+                assert labels[pos : span.stop] == [-100] * len(span)
+                assert target[pos : span.stop] == [seg.kind == GEN and part["need_loss"]] * len(span), seg.origin
+            pos = span.stop
+        # Every part is there once: a text part with its EOS; an image with a vit block iff need_vit and a
+        # generation block iff need_vae or need_loss.
+        want = Counter()
+        for where, part in parts.items():
+            if part["type"] == "text":
+                want[(where, "")] += 1
+                want[(where, "eos")] += 1
+            else:
+                want[(where, VIT)] += bool(part["need_vit"])
+                want[(where, GEN)] += bool(part["need_vae"] or part["need_loss"])
+        assert seen == +want, rec.id
+    assert pos == len(ids) and n_vit == len(vit) and n_gen == len(gen)
+    # The twelve records' flags differ: both label values occur in text parts and image targets.
+    assert sum(label != -100 for label in labels) > 0 and 0 < sum(target) < len(target)
 
 
 @pytest.mark.parametrize("number", [1, 2, 3, 4, 5, 6])
@@ -473,12 +532,48 @@ def test_bad_config_names_the_field_and_exits_2(tmp_path: Path) -> None:
     assert "field 'stage2': " in lines[0] and "field 'ray.num_wokers'" in lines[0]
 
 
-def test_shipped_configs_validate() -> None:
+# What each shipped preset is documented to be (README "Presets", the configs' own headers): the official IRG SFT
+# recipe for Janus-Pro (AdamW betas (0.9, 0.95), eps 1e-15, no weight decay, clip 1.0, constant lr 2e-5 after 500
+# warm-up steps in stage 1 and none in stage 2, EMA 0.995, stage 2 from stage 1's EMA, ~320K tokens per step as
+# token_budget x grad_accum x workers), DDP on 8 GPUs for 1B and FSDP2 on 16 for 7B; the tiny preset on CPU.
+PRESETS = {
+    "train_janus_pro_1b.yaml": {
+        "model": "deepseek-community/Janus-Pro-1B", "token_budget": 8192, "grad_accum": 5,
+        "ray": {"num_workers": 8, "use_gpu": True, "backend": "nccl", "strategy": "ddp"},
+    },
+    "train_janus_pro_7b.yaml": {
+        "model": "deepseek-community/Janus-Pro-7B", "token_budget": 10240, "grad_accum": 2,
+        "ray": {"num_workers": 16, "use_gpu": True, "backend": "nccl", "strategy": "fsdp"},
+    },
+    "train_tiny.yaml": {
+        "model": "tiny:janus", "ray": {"num_workers": 2, "use_gpu": False, "backend": "gloo", "strategy": "ddp"},
+    },
+}  # fmt: skip
+OFFICIAL = {
+    "betas": (0.9, 0.95), "adam_eps": 1e-15, "weight_decay": 0.0, "max_grad_norm": 1.0, "precision": "auto",
+    "ema": {"enabled": True, "decay": 0.995, "stage2_from_ema": True},
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("name", sorted(PRESETS))
+def test_shipped_configs_are_the_documented_presets(name: str) -> None:
     from trainer.config import load_train_config
 
-    root = Path(__file__).resolve().parents[1] / "configs"
-    for name in ("train_tiny.yaml", "train_janus_pro_1b.yaml", "train_janus_pro_7b.yaml"):
-        cfg = load_train_config(root / name)
-        assert set(cfg.stage2.active_modes()) == set(FULL_MODES)
-        assert cfg.stage1.modes["initial_full_learning"] == 1.0
-        assert json.dumps(cfg.model_dump())
+    cfg = load_train_config(Path(__file__).resolve().parents[1] / "configs" / name)
+    dump = cfg.model_dump()
+    for key, want in PRESETS[name].items():
+        got = {k: dump[key][k] for k in want} if isinstance(want, dict) else dump[key]
+        assert got == want, f"{name}: {key}"
+    # Stage 1: all six modes, full modes 1.0, thinking modes 0.5; stage 2: the two full modes at 1.0.
+    assert cfg.stage1.active_modes() == {m.name: (1.0 if m.full else 0.5) for m in MODES}, name
+    assert cfg.stage2.active_modes() == dict.fromkeys(FULL_MODES, 1.0), name
+    assert cfg.stage1.steps > cfg.stage1.warmup_steps and cfg.stage2.steps > cfg.stage2.warmup_steps
+    assert cfg.data_streams % max(cfg.loader_workers, 1) == 0
+    if name == "train_tiny.yaml":
+        return
+    for key, want in OFFICIAL.items():
+        got = {k: dump[key][k] for k in want} if isinstance(want, dict) else dump[key]
+        assert got == want, f"{name}: {key}"
+    for stage, warmup, steps in ((cfg.stage1, 500, 20_000), (cfg.stage2, 0, 5_000)):
+        assert (stage.lr, stage.schedule, stage.warmup_steps, stage.steps) == (2e-5, "constant", warmup, steps), name
+    assert cfg.token_budget * cfg.grad_accum * cfg.ray.num_workers == 327_680, name  # ~320K tokens per step
