@@ -35,7 +35,7 @@ app = typer.Typer(
 
 @app.command()
 def verify(
-    out: Path = typer.Argument(..., help="A built dataset directory (holds manifest.json)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="A built dataset directory (holds manifest.json)."),
     decode_images: bool = typer.Option(True, help="Fully decode every image (slower, catches damaged images)."),
     max_problems: int = typer.Option(200, min=0, help="Print at most this many problems (all are counted)."),
     jobs: int = typer.Option(0, "--jobs", "-j", min=0, help="Processes checking units in parallel (0: all cores)."),
@@ -180,7 +180,7 @@ def _print_summary(result) -> None:  # noqa: ANN001 (BuildResult, imported lazil
 
 @app.command()
 def report(
-    out: Path = typer.Argument(..., help="A directory written by irgl build."),
+    out: Path = typer.Argument(..., metavar="OUT", help="A directory written by irgl build."),
     samples: int = typer.Option(8, min=0, help="Sample trajectories shown side by side."),
 ) -> None:
     """Write OUT/report.html: funnel, per-mode counts, CLIP histograms, samples, time and cost per trajectory."""

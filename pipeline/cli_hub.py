@@ -48,7 +48,7 @@ def plan_command(
 
 
 def publish_command(
-    out: Path = typer.Argument(..., help="A built dataset directory (holds manifest.json)."),
+    out: Path = typer.Argument(..., metavar="OUT", help="A built dataset directory (holds manifest.json)."),
     repo_id: str = typer.Option(..., "--repo-id", help="Hub dataset repository, ORG/NAME."),
     private: bool = typer.Option(False, "--private", help="Create the repository as private (if it does not exist)."),
     revision: str | None = typer.Option(None, "--revision", help="Branch to upload to (made from main if missing)."),
