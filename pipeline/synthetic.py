@@ -100,7 +100,9 @@ def _noisy(data: bytes, seed: int, amplitude: int) -> bytes:
     import numpy as np
     from PIL import Image
 
-    img = np.asarray(Image.open(io.BytesIO(data)).convert("RGB"), dtype=np.int16)
+    from schemas.local import decode_rgb
+
+    img = np.asarray(decode_rgb(data), dtype=np.int16)
     noise = np.random.default_rng(seed).integers(-amplitude, amplitude + 1, img.shape, dtype=np.int16)
     buf = io.BytesIO()
     Image.fromarray(np.clip(img + noise, 0, 255).astype(np.uint8)).save(buf, format="JPEG", quality=95)
@@ -166,7 +168,7 @@ def synthetic_graph(cfg: object, size: int = 1024, noise: int = 8, draw_cpus: fl
     `draw_cpus` CPUs each (drawing and JPEG-encoding 1024 px images is the one real cost here)."""
     import dataclasses
 
-    from pipeline.build import stage_graph
+    from pipeline.graph import stage_graph
     from schemas.config import ResourceConfig
 
     specs = []
