@@ -4,9 +4,10 @@
 
 1. Pipeline: the tiny preset on N generated prompts through `pipeline.build.build(executor="ray")` (fresh OUT),
    then through `executor="local"` (plain loop: the same stage classes, one after the other, in this process).
-   Each run is a child process in its own session. Prints wall times and their ratio ray/sequential (goal <= 0.8x:
-   pipelining must beat its overhead), and each run's peak memory: PSS summed over every process of its session
-   (the build, local Ray, all workers), sampled every 0.2 s (goal <= 8 GB).
+   Each run is a child process in its own session, its output written to a file as it comes (so any number of
+   prompts works). Prints wall times and their ratio ray/sequential (goal <= 0.8x: pipelining must beat its
+   overhead), and each run's peak memory: PSS summed over every process of its session (the build, local Ray, all
+   workers), sampled every 0.2 s (goal <= 8 GB).
 2. vLLM stage vs bare vLLM: ThinkStage on one VLLMTextEngine over the same N prompts vs `LLM.chat` called
    directly on that engine's `vllm.LLM` with the same sampling parameters (goal >= 0.95x).
 Engine start-up is part of both pipeline runs (both start the same engines).
@@ -68,19 +69,24 @@ def bench_pipeline(n: int) -> None:
 
     times, peaks = {}, {}
     for executor in ("ray", "local"):
-        out = tempfile.mkdtemp(prefix=f"irgl-bench-{executor}-")
-        cmd = [sys.executable, __file__, "--run-one", executor, "--prompts", str(n), "--out", out]
-        proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-        peak = 0
-        while proc.poll() is None:
-            peak = max(peak, session_pss(proc.pid))
-            time.sleep(0.2)
-        line = [x for x in proc.stdout.read().decode().splitlines() if x.startswith("RESULT")]
-        assert proc.returncode == 0 and line, f"{executor} build failed"
+        work = Path(tempfile.mkdtemp(prefix=f"irgl-bench-{executor}-"))
+        out, log = work / "out", work / "child.log"
+        cmd = [sys.executable, __file__, "--run-one", executor, "--prompts", str(n), "--out", str(out)]
+        # The child's output goes straight to a file: the OS drains it however much the build logs (a pipe read
+        # only after the child exits fills up at a few hundred prompts, and then both processes wait forever).
+        with open(log, "wb") as sink:
+            proc = subprocess.Popen(cmd, start_new_session=True, stdout=sink, stderr=subprocess.STDOUT)
+            peak = 0
+            while proc.poll() is None:
+                peak = max(peak, session_pss(proc.pid))
+                time.sleep(0.2)
+        text = log.read_text(errors="replace")
+        line = [x for x in text.splitlines() if x.startswith("RESULT")]
+        assert proc.returncode == 0 and line, f"{executor} build failed (exit {proc.returncode}):\n{text[-3000:]}"
         wall, ok = line[0].split()[1:]
         times[executor], peaks[executor] = float(wall), peak
         print(f"{executor:6s} {float(wall):8.1f} s  {ok} trajectories  peak PSS {peak / 2**30:.2f} GiB")
-        shutil.rmtree(out)
+        shutil.rmtree(work)
     print(f"pipeline ray/sequential wall time: {times['ray'] / times['local']:.2f}x (goal <= 0.8x)")
     print(f"peak PSS: ray {peaks['ray'] / 2**30:.2f} GiB, sequential {peaks['local'] / 2**30:.2f} GiB (goal <= 8)")
 
