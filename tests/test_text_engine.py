@@ -184,6 +184,18 @@ def test_transformers_fallback_on_tiny_vlm_with_images(tiny_vlm_path: Path) -> N
         [TextRequest("Text only.", seed=1), TextRequest("Two images.", images=[RED, BLUE], seed=2)]
     )
     assert len(outputs) == 2 and all(o.strip() for o in outputs)
+    # The images reach the model: the inputs `generate` uses carry them, and the same question about another image
+    # (or the same two images in the other order) gives another first-token distribution; the same request gives
+    # the same one. (The tiny model's sampled texts are too alike to tell images apart by.)
+    assert {"pixel_values", "image_grid_thw"} <= set(engine.inputs(TextRequest("Two images.", images=[RED, BLUE])))
+    logits = {
+        name: engine.next_token_logits(TextRequest("What is in this image?", images=images, seed=3))
+        for name, images in [("red", [RED]), ("red again", [RED]), ("blue", [BLUE]), ("rb", [RED, BLUE]),
+                             ("br", [BLUE, RED])]
+    }  # fmt: skip
+    assert logits["red"].equal(logits["red again"])
+    assert (logits["red"] - logits["blue"]).abs().max() > 1e-2
+    assert (logits["rb"] - logits["br"]).abs().max() > 1e-2
     engine.close()
 
 

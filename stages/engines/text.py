@@ -484,18 +484,30 @@ class TransformersTextEngine(TextEngine):
     def _tokenizer(self) -> Any:
         return getattr(self._processor, "tokenizer", self._processor)
 
-    def _generate_one(self, request: TextRequest) -> str:
-        import torch
-
+    def inputs(self, request: TextRequest) -> Any:
+        """The model inputs of one request, as `generate` passes them to the model: token ids and, for a VLM
+        request with images, the processed images (`pixel_values`, `image_grid_thw`)."""
         if request.images and not self._is_vlm:
             raise ValueError(f"{self.cfg.model} is a text-only model; it cannot take images")
-        inputs = self._processor.apply_chat_template(
+        return self._processor.apply_chat_template(
             _messages(request, "image"),
             add_generation_prompt=True,
             tokenize=True,
             return_dict=True,
             return_tensors="pt",
         ).to(self._device)
+
+    def next_token_logits(self, request: TextRequest) -> Any:
+        """The model's logits for the first generated token of `request` (a float32 CPU tensor of vocabulary size)."""
+        import torch
+
+        with torch.inference_mode():
+            return self._model(**self.inputs(request)).logits[0, -1].float().cpu()
+
+    def _generate_one(self, request: TextRequest) -> str:
+        import torch
+
+        inputs = self.inputs(request)
         torch.manual_seed(request.seed)
         sample = self.cfg.temperature > 0
         tok = self._tokenizer()
