@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 
@@ -22,6 +23,8 @@ from schemas import (
     understanding_query_improving,
     understanding_query_initial,
 )
+from schemas.config import ConfigError, load_build_config
+from schemas.local import TINY_BUILDER_KINDS, TINY_PREFIX
 from schemas.modes import _image
 from schemas.reflection import HEADINGS, reflection_regex, think_regex
 from schemas.trajectory import TRAJECTORY_SCHEMA, Trajectory
@@ -252,3 +255,55 @@ def test_trajectory_row_round_trip_fits_schema() -> None:
     table = pa.Table.from_pylist([traj.to_row()], schema=TRAJECTORY_SCHEMA)
     back = Trajectory.from_row(table.to_pylist()[0])
     assert back == traj
+
+
+# --- config rules that used to surface only when a stage loaded its model ----------------------------------------
+
+TINY_PRESET = Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml"
+
+
+def _config_error(overrides: dict) -> str:
+    with pytest.raises(ConfigError) as err:
+        load_build_config(TINY_PRESET, overrides)
+    return str(err.value)
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"draw_refined.model.steps": 1},
+        {"draw_refined.model.strength": 0.4},
+        {"draw_initial.model.img2img": True, "draw_initial.model.steps": 1},
+    ],
+)
+def test_img2img_without_a_denoising_step_is_a_config_error(overrides: dict) -> None:
+    # diffusers runs floor(steps x strength) img2img steps: 2 x 0.6, 1 x 0.6, 2 x 0.4, 1 x 0.6 (the default).
+    stage = next(iter(overrides)).split(".")[0]
+    message = _config_error(overrides)
+    assert message.startswith(f"{TINY_PRESET}: field '{stage}.model.strength': ")
+    assert "runs no denoising step; raise steps or strength" in message
+    # The preset itself (2 steps x 0.6 = 1 step) and img2img off with any steps are fine.
+    load_build_config(TINY_PRESET)
+    load_build_config(TINY_PRESET, {"draw_refined.model.steps": 1, "draw_refined.model.img2img": False})
+
+
+@pytest.mark.parametrize(
+    ("field", "name", "reason"),
+    [
+        ("think.model.model", "tiny:llama", "unknown tiny model 'tiny:llama'; known here: tiny:llm, tiny:vlm"),
+        ("draw_initial.model.model", "tiny:", "unknown tiny model 'tiny:'; known here: tiny:sd"),
+        ("score.model.model", "tiny:sd", "tiny model 'tiny:sd' cannot serve here; use tiny:clip"),
+        ("reflect.model.model", "tiny:clip", "tiny model 'tiny:clip' cannot serve here; use tiny:llm, tiny:vlm"),
+    ],
+)
+def test_unknown_or_misplaced_tiny_model_is_a_config_error(field: str, name: str, reason: str) -> None:
+    assert _config_error({field: name}) == f"{TINY_PRESET}: field '{field}': Value error, {reason}"
+
+
+def test_every_tiny_builder_kind_serves_some_stage() -> None:
+    roles = {"think": "llm", "reflect": "vlm", "draw_initial": "sd", "draw_refined": "sd", "score": "clip"}
+    assert set(roles.values()) == set(TINY_BUILDER_KINDS)
+    cfg = load_build_config(TINY_PRESET, {f"{stage}.model.model": f"{TINY_PREFIX}{k}" for stage, k in roles.items()})
+    assert cfg.think.model.model == "tiny:llm" and cfg.score.model.model == "tiny:clip"
+    # Names that are not tiny names are left to the loaders (Hub ids, paths, open_clip names).
+    load_build_config(TINY_PRESET, {"think.model.model": "Qwen/Qwen2.5-7B-Instruct", "score.model.model": "ViT-B-32"})
