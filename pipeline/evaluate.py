@@ -1,0 +1,200 @@
+"""`irgl eval DIR`: does reflection help? CLIP prompt alignment of I1 and I2, and GenEval's folder layout.
+
+DIR is an `irgl generate` output (`generations.parquet`) or a built dataset (`trajectories/*.parquet`: grading the
+data itself). Per prompt: CLIP(prompt, I1), CLIP(prompt, I2) with the builder's scorer (`stages.engines.clip`,
+any open_clip model or `tiny:clip`); overall and per tag (the prompt file's "tag", e.g. GenEval's categories): the
+mean of both, the mean gain CLIP(I2) - CLIP(I1) and the share of prompts where I2 beats I1. Written to
+`OUT/eval.json` (and `OUT/scores.jsonl`, one line per prompt) and printed as a table.
+
+GenEval (github.com/djghosh13/geneval) scores images with an object detector in its own environment (mmdet); this
+writes its input layout for each turn, `OUT/geneval/turn1/<index>/metadata.jsonl` (the prompt file's metadata line)
+and `OUT/geneval/turn1/<index>/samples/0000.png`, and the same under `turn2/`. Then, in GenEval's environment:
+
+    python evaluation/evaluate_images.py OUT/geneval/turn1 --outfile turn1.jsonl --model-path <detector folder>
+    python evaluation/summary_scores.py turn1.jsonl        # and the same for turn2
+
+A GenEval run needs the GenEval prompt file (../shared/prompts/geneval_metadata.jsonl: its "tag", "include" and
+"exclude" fields); other prompt files get a metadata line with the prompt and an empty tag.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pyarrow.parquet as pq
+
+from pipeline.fsio import write_atomic
+
+EVAL_NAME = "eval.json"
+SCORES_NAME = "scores.jsonl"
+GENEVAL_DIR = "geneval"
+
+
+class EvalError(ValueError):
+    """Bad input found before any model loads."""
+
+
+def load_rows(directory: Path) -> tuple[str, list[dict[str, Any]]]:
+    """("generate" | "dataset", rows with index, id, prompt, tag, metadata, i1, i2 (b'' when absent))."""
+    from pipeline.generate import RESULTS_NAME
+
+    directory = Path(directory)
+    if (directory / RESULTS_NAME).is_file():
+        cols = ["index", "id", "prompt", "tag", "metadata", "i1", "i2"]
+        return "generate", pq.read_table(directory / RESULTS_NAME, columns=cols).to_pylist()
+    parts = sorted((directory / "trajectories").glob("unit-*.parquet"))
+    if parts:
+        rows = []
+        for part in parts:
+            for r in pq.read_table(part, columns=["id", "prompt", "i1", "i2"]).to_pylist():
+                meta = json.dumps({"prompt": r["prompt"], "tag": ""})
+                rows.append({**r, "index": len(rows), "tag": "", "metadata": meta})
+        return "dataset", rows
+    raise EvalError(
+        f"{directory}: neither an irgl generate output ({RESULTS_NAME}) nor a built dataset (trajectories/)"
+    )
+
+
+def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """n, mean CLIP of I1 and I2, mean gain and share of I2 > I1 over scored rows (I2 figures only with I2)."""
+    scored = [r for r in rows if r.get("clip_i1") is not None]
+    out: dict[str, Any] = {"n": len(scored)}
+    if not scored:
+        return out
+    out["clip_i1"] = sum(r["clip_i1"] for r in scored) / len(scored)
+    with_i2 = [r for r in scored if r.get("clip_i2") is not None]
+    if with_i2:
+        out["clip_i2"] = sum(r["clip_i2"] for r in with_i2) / len(with_i2)
+        out["gain"] = sum(r["clip_i2"] - r["clip_i1"] for r in with_i2) / len(with_i2)
+        out["i2_beats_i1"] = sum(r["clip_i2"] > r["clip_i1"] for r in with_i2) / len(with_i2)
+    return out
+
+
+def write_geneval(out: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
+    """GenEval's input layout for each turn that has images: `<turn>/<index:05d>/metadata.jsonl` and
+    `samples/0000.png`. Returns turn -> folder."""
+    folders = {}
+    for turn, key in (("turn1", "i1"), ("turn2", "i2")):
+        present = [r for r in rows if r[key]]
+        if not present:
+            continue
+        root = out / GENEVAL_DIR / turn
+        for r in present:
+            folder = root / f"{r['index']:05d}"
+            (folder / "samples").mkdir(parents=True, exist_ok=True)
+            meta = json.loads(r["metadata"])
+            meta.setdefault("tag", r["tag"])
+            meta.setdefault("prompt", r["prompt"])
+            write_atomic(folder / "metadata.jsonl", (json.dumps(meta, ensure_ascii=False) + "\n").encode())
+            write_atomic(folder / "samples" / "0000.png", _png(r[key]))
+        folders[turn] = str(root)
+    return folders
+
+
+def _png(data: bytes) -> bytes:
+    """GenEval reads samples/NNNN.png: PNG bytes as they are, anything else re-encoded."""
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return data
+    import io
+
+    from schemas.local import decode_rgb
+
+    buf = io.BytesIO()
+    decode_rgb(data).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def evaluate(
+    directory: Path,
+    out: Path | None = None,
+    *,
+    clip: str = "ViT-L-14",
+    pretrained: str = "openai",
+    device: str = "auto",
+    force: bool = False,
+    echo: Callable[[str], None] = print,
+    scorer: Any = None,
+) -> dict[str, Any]:
+    """Score DIR (see the module doc); returns what eval.json holds (plus "out")."""
+    from pydantic import ValidationError
+
+    from schemas.config import ScoreConfig
+
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise EvalError(f"{directory}: no such directory")
+    kind, rows = load_rows(directory)
+    out = Path(out) if out is not None else directory / "eval"
+    if (out / EVAL_NAME).is_file() and not force:
+        raise EvalError(f"{out / EVAL_NAME} exists: pass --force to overwrite it, or choose another --out")
+    if scorer is None:
+        from stages.engines.clip import ClipScorer
+        from stages.tiny import resolve_score
+
+        try:
+            cfg = resolve_score(ScoreConfig(model=clip, pretrained=pretrained))
+        except ValidationError as exc:
+            raise EvalError(f"--clip {clip}: {exc.errors()[0]['msg']}") from exc
+        scorer = ClipScorer(cfg, device=device)
+        scorer.setup()
+    if (out / GENEVAL_DIR).is_dir():
+        shutil.rmtree(out / GENEVAL_DIR)
+    echo(f"scoring {len(rows)} prompts of {directory} ({kind}) with CLIP {clip}")
+    prompts = [r["prompt"] for r in rows]
+    first = [r["i1"] for r in rows]
+    has_i2 = all(r["i2"] for r in rows)
+    second = [r["i2"] for r in rows] if has_i2 else first
+    per_row = []
+    for r, score in zip(rows, scorer.score_pairs(prompts, first, second), strict=True):
+        item = {"index": r["index"], "id": r["id"], "prompt": r["prompt"], "tag": r["tag"]}
+        if isinstance(score, Exception):
+            item["error"] = str(score)
+        else:
+            item["clip_i1"] = score[0]
+            if has_i2:
+                item.update(clip_i2=score[1], gain=score[1] - score[0], clip_i1_i2=score[2])
+        per_row.append(item)
+    tags = sorted({r["tag"] for r in per_row if r["tag"]})
+    report: dict[str, Any] = {
+        "source": str(directory),
+        "kind": kind,
+        "clip": getattr(scorer, "model_name", clip),
+        "turns": 2 if has_i2 else 1,
+        "overall": summarize(per_row),
+        "per_tag": {tag: summarize([r for r in per_row if r["tag"] == tag]) for tag in tags},
+        "errors": [f"{r['id']}: {r['error']}" for r in per_row if "error" in r],
+    }
+    report["geneval"] = write_geneval(out, rows)
+    report["geneval_command"] = (
+        "python evaluation/evaluate_images.py OUT/geneval/turnN --outfile turnN.jsonl --model-path DETECTOR_DIR; "
+        "python evaluation/summary_scores.py turnN.jsonl (in GenEval's own environment)"
+    )
+    write_atomic(out / SCORES_NAME, "".join(json.dumps(r) + "\n" for r in per_row).encode())
+    write_atomic(out / EVAL_NAME, json.dumps(report, indent=2, sort_keys=True).encode())
+    report["out"] = str(out)
+    return report
+
+
+def format_table(report: dict[str, Any]) -> str:
+    """The console table: one line overall, one per tag."""
+    head = f"{'tag':<16} {'n':>5} {'CLIP I1':>8} {'CLIP I2':>8} {'gain':>8} {'I2 > I1':>8}"
+    lines = [head, "-" * len(head)]
+
+    def line(name: str, s: dict[str, Any]) -> str:
+        def f(key: str, fmt: str) -> str:
+            return format(s[key], fmt) if key in s else "-"
+
+        return (
+            f"{name:<16} {s['n']:>5} {f('clip_i1', '.4f'):>8} {f('clip_i2', '.4f'):>8} {f('gain', '+.4f'):>8} "
+            f"{f('i2_beats_i1', '.1%'):>8}"
+        )
+
+    lines.append(line("all", report["overall"]))
+    lines += [line(tag, s) for tag, s in report["per_tag"].items()]
+    if report["errors"]:
+        lines.append(f"{len(report['errors'])} prompt(s) not scored: {report['errors'][:3]}")
+    return "\n".join(lines)
