@@ -280,7 +280,8 @@ class BuildConfig(StrictModel):
     fault_injection: dict[StageName, float] = Field(
         default_factory=dict,
         description="Testing only: per stage (a name of schemas/stages.py), the share of rows made to fail on "
-        "purpose (deterministic per row).",
+        "purpose: a row fails at a stage exactly when random.Random(f'{row_id}:{stage}').random() < rate "
+        "(stages/base.py `_fault`; the same rows on every run).",
     )
 
     @field_validator("fault_injection")

@@ -36,7 +36,7 @@ class Stage:
     name: str = "stage"
 
     def __init__(self, fault_rate: float = 0.0) -> None:
-        # fault_rate > 0 makes `process` fail that share of rows on purpose (tests of failure isolation).
+        # fault_rate > 0 fails that share of rows on purpose, by the rule of `_fault` (tests of failure isolation).
         self.fault_rate = fault_rate
         self._clock = _SharedClock()  # splits wall time between overlapping `acall`s
 
@@ -218,7 +218,16 @@ def mark(batch: Batch, i: int, stage: str, status: str, reason: str) -> None:
 
 
 def _fault(row_id: str, stage: str, rate: float) -> bool:
-    """Deterministic per (row, stage): the same rows fail on every run with the same rate."""
+    """The injected-fault rule (`fault_injection` in the build config; tests of failure isolation), a documented
+    contract that tests may recompute on their own:
+
+        a row fails on purpose at a stage exactly when random.Random(f"{row_id}:{stage}").random() < rate
+
+    i.e. Python's Mersenne Twister seeded with the string "<row id>:<stage name>" (`Stage.name`, e.g. `think`,
+    `draw_initial`), first draw. It depends on nothing else (not the batch, its order, the process or the run), so
+    the same rows fail on every run with the same rate, and a larger rate fails a superset of the rows. The row
+    gets status `failed`, the stage's name and the reason `injected fault (fault_rate=<rate>)`; only rows still ok
+    when they reach the stage can fail there."""
     return random.Random(f"{row_id}:{stage}").random() < rate
 
 
