@@ -4,7 +4,6 @@ progress, report, models tiny, the choices typer lists, and the one spelling per
 from __future__ import annotations
 
 import json
-import os
 import re
 from pathlib import Path
 
@@ -54,8 +53,10 @@ def test_synth_refuses_a_non_empty_out_without_force(tmp_path: Path) -> None:
     assert f"error: {out} is not empty: pass --force" in again.output
     assert (out / "manifest.json").read_bytes() == before  # nothing was touched
 
-    stray = out / "data" / MODES[0].name / "stray.parquet"  # a file the new manifest would not list
-    stray.write_bytes(b"x")
+    # What an earlier build left in OUT goes too: its state would make `irgl report` take the new data for it.
+    stray = out / "state" / "build.json"
+    stray.parent.mkdir()
+    stray.write_text("{}")
     forced = irgl("synth", "-o", out, "--n", 2, "--force")
     assert forced.exit_code == 0, forced.output
     assert json.loads((out / "manifest.json").read_text())["counts"] == {m.name: 2 for m in MODES}
@@ -152,7 +153,7 @@ def test_report_command(small_build: Path, tmp_path: Path) -> None:
 
 def test_models_tiny_reports_the_folders_and_reuses_them() -> None:
     """Builds (or finds) every tiny model under --dir and prints one `name path` line each; a second run reuses the
-    folders (build_once replaces a folder by renaming a new one into place: the inodes would change)."""
+    folders: no file in them is written again."""
     root = tiny_root()
     first = irgl("models", "tiny", "--dir", root)
     assert first.exit_code == 0, first.output
@@ -160,10 +161,15 @@ def test_models_tiny_reports_the_folders_and_reuses_them() -> None:
     assert set(folders) == {"llm", "vlm", "sd", "clip", "janus"}
     for path in folders.values():
         assert Path(path).parent == root and Path(path).is_dir() and any(Path(path).iterdir()), path
-    inodes = {name: os.stat(path).st_ino for name, path in folders.items()}
+    before = _written(folders.values())
     second = irgl("models", "tiny", "--dir", root)
     assert second.exit_code == 0 and second.output == first.output
-    assert {name: os.stat(path).st_ino for name, path in folders.items()} == inodes
+    assert _written(folders.values()) == before
+
+
+def _written(folders) -> dict[str, tuple[int, int]]:  # noqa: ANN001 (paths as str)
+    """(inode, mtime in ns) of every file under the folders."""
+    return {str(f): (f.stat().st_ino, f.stat().st_mtime_ns) for d in folders for f in Path(d).rglob("*") if f.is_file()}
 
 
 # ---------------------------------------------------------------------------------------------------------------
