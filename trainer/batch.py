@@ -15,8 +15,10 @@ class PackedBatch:
     """One packed sequence as tensors, plus what the model needs to fill its image slots and score its targets.
 
     Positions follow the segments in order; a position's label is the token that position holds (a target of the
-    prediction made at the previous position). Records restart position ids at 0, which makes attention
-    block-diagonal (no record sees another).
+    prediction made at the previous position). Each record restarts its position ids at 0 (its positional encoding
+    is the same as alone) and `record_index` numbers the record of every position: the model attends causally
+    within a record only (a block-diagonal mask built from it, see `trainer.model.record_attention_mask`), so no
+    record sees another.
     """
 
     input_ids: Any  # LongTensor [1, L]
@@ -24,6 +26,7 @@ class PackedBatch:
     text_labels: Any  # LongTensor [1, L], -100 where no text loss
     image_target: Any  # BoolTensor [1, L], True at generation slots that are targets
     mode_ids: Any  # LongTensor [1, L], mode number (1..6) of the record each position belongs to
+    record_index: Any  # LongTensor [1, L], 0..n-1: which record of the pack each position belongs to
     vit_positions: Any  # LongTensor [n_vit_images, num_vit_tokens]
     vit_images: list[bytes]
     gen_positions: Any  # LongTensor [n_gen_images, num_gen_tokens]
@@ -83,6 +86,7 @@ def collate(records: list[EncodedRecord]) -> PackedBatch:
         text_labels=row(labels),
         image_target=row(np.repeat(image_target, lengths)),
         mode_ids=row(np.repeat(numbers, record_lengths)),
+        record_index=row(np.repeat(np.arange(len(records), dtype=np.int64), record_lengths)),
         vit_positions=positions(VIT, per_vit),
         vit_images=images[VIT],
         gen_positions=positions(GEN, per_gen),

@@ -163,8 +163,8 @@ def _die_with_parent(parent: int, worker_id: int) -> None:
         os._exit(1)
 
 
-_BATCH_TENSORS = ("input_ids", "position_ids", "text_labels", "image_target", "mode_ids", "vit_positions",
-                  "gen_positions")  # fmt: skip
+_BATCH_TENSORS = ("input_ids", "position_ids", "text_labels", "image_target", "mode_ids", "record_index",
+                  "vit_positions", "gen_positions")  # fmt: skip
 _WIRE_MAX_BYTES = 1 << 20
 
 

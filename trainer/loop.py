@@ -109,7 +109,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from trainer.dropout import ConditionDropout
     from trainer.loader import PackDataset, PackLoader, steps_packs
     from trainer.model import load_adapter
-    from trainer.optim import Ema, autocast, compute_dtype, make_optimizer
+    from trainer.optim import Ema, compute_dtype, make_optimizer
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -191,26 +191,16 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         step_t0 = time.perf_counter()
         step_items = steps_packs(packs, accum, step)
         step_packs = [item.pack for item in step_items]
-        for k, item in enumerate(step_items):
-            batch = item.batch
-            tensors = {name: t.to(device) for name, t in item.tensors.items()}
-            sync = k == accum - 1
-            if strategy == "fsdp":
-                model.set_requires_gradient_sync(sync)  # reduce-scatter once per optimiser step
-            ctx_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _nullcontext()
-            with ctx_sync, autocast(device.type, dtype):
-                out = model(**tensors)
-                text = out["text_loss"].sum() / max(1, out["text_loss"].numel())
-                image = out["image_loss"].sum() / max(1, out["image_loss"].numel())
-                loss = (cfg["text_loss_weight"] * text + cfg["image_loss_weight"] * image) / accum
-            loss.backward()
-            with torch.no_grad():
-                for kind, col in (("text", 0), ("image", 2)):
-                    losses, modes = out[f"{kind}_loss"].detach().double().cpu(), out[f"{kind}_mode"].cpu()
-                    stats[:, col].index_add_(0, modes, losses)
-                    stats[:, col + 1].index_add_(0, modes, torch.ones_like(losses))
-            tokens_seen += batch.num_tokens
-            totals["tokens"] += batch.num_tokens
+        outs = accumulate_gradients(
+            model, [item.tensors for item in step_items], cfg, device=device, dtype=dtype, strategy=strategy
+        )
+        for item, out in zip(step_items, outs, strict=True):
+            for kind, col in (("text", 0), ("image", 2)):
+                losses, modes = out[f"{kind}_loss"].double().cpu(), out[f"{kind}_mode"].cpu()
+                stats[:, col].index_add_(0, modes, losses)
+                stats[:, col + 1].index_add_(0, modes, torch.ones_like(losses))
+            tokens_seen += item.batch.num_tokens
+            totals["tokens"] += item.batch.num_tokens
         if cfg["max_grad_norm"]:
             torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
         optimizer.step()
@@ -274,6 +264,43 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     log.close()
     if dist.is_initialized():
         dist.barrier()
+
+
+def pack_loss(out: dict[str, Any], cfg: dict[str, Any]) -> Any:
+    """The loss of one pack: text_loss_weight x its mean text cross-entropy + image_loss_weight x its mean image
+    cross-entropy (a pack without text or image targets contributes 0 for that part)."""
+    text = out["text_loss"].sum() / max(1, out["text_loss"].numel())
+    image = out["image_loss"].sum() / max(1, out["image_loss"].numel())
+    return cfg["text_loss_weight"] * text + cfg["image_loss_weight"] * image
+
+
+def accumulate_gradients(
+    model: Any, packs: list[dict[str, Any]], cfg: dict[str, Any], *, device: Any, dtype: Any, strategy: str
+) -> list[dict[str, Any]]:
+    """Forward and backward of one optimiser step's packs (the `grad_accum` tensors dicts of this worker).
+
+    Each pack's loss (`pack_loss`) is divided by the number of packs, so the accumulated gradient is the mean of
+    the packs' gradients: grad_accum k on one worker gives the gradient k DDP workers with one pack each give (DDP
+    averages over ranks), and the step's global packs are the same (trainer/order.py). Gradients are synchronised
+    across workers once, on the last pack. Returns each pack's outputs, detached (per-token losses and modes).
+    """
+    import torch
+
+    from trainer.optim import autocast
+
+    outs = []
+    for k, tensors in enumerate(packs):
+        sync = k == len(packs) - 1
+        if strategy == "fsdp":
+            model.set_requires_gradient_sync(sync)  # reduce-scatter once per optimiser step
+        ctx_sync = model.no_sync() if (not sync and hasattr(model, "no_sync")) else _nullcontext()
+        with ctx_sync, autocast(device.type, dtype):
+            out = model(**{name: t.to(device) for name, t in tensors.items()})
+            loss = pack_loss(out, cfg) / len(packs)
+        loss.backward()
+        with torch.no_grad():
+            outs.append({key: value.detach() for key, value in out.items()})
+    return outs
 
 
 def _wrap(module: Any, strategy: str, device: Any, dtype: Any, world: int) -> Any:

@@ -8,11 +8,11 @@ implementing the same class.
 
 from __future__ import annotations
 
-import io
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any
 
+from schemas.local import decode_rgb
 from trainer.batch import PackedBatch
 from trainer.records import SequenceFormat
 
@@ -54,6 +54,7 @@ class ModelAdapter(ABC):
             "text_labels": batch.text_labels,
             "image_target": batch.image_target,
             "mode_ids": batch.mode_ids,
+            "record_index": batch.record_index,
             "vit_positions": batch.vit_positions,
             "vit_pixels": self.preprocess_understanding(batch.vit_images) if batch.vit_images else empty,
             "gen_positions": batch.gen_positions,
@@ -66,11 +67,25 @@ class ModelAdapter(ABC):
         `from_pretrained`, with the tokenizer/processor."""
 
 
-def _decode_rgb(data: bytes) -> Any:
-    from PIL import Image
+def record_attention_mask(record_index: Any, attn_implementation: str, dtype: Any) -> Any:
+    """The attention mask of a packed sequence: position q sees position k exactly when k <= q and both belong to the
+    same record (`record_index` [1, L]), so packed records never attend to each other. [1, 1, L, L], in the form
+    the attention implementation takes: bool (True = attend) for sdpa, additive (0 / dtype min) for eager.
 
-    with Image.open(io.BytesIO(data)) as img:
-        return img.convert("RGB")
+    Passed to the language model as a ready 4D mask, it is used as is: isolation does not rest on transformers
+    inferring record boundaries from the position ids.
+    """
+    import torch
+
+    rec = record_index[0]
+    pos = torch.arange(rec.shape[0], device=rec.device)
+    allowed = (rec[:, None] == rec[None, :]) & (pos[:, None] >= pos[None, :])
+    if attn_implementation == "sdpa":
+        return allowed[None, None]
+    if attn_implementation == "eager":
+        mask = torch.zeros(allowed.shape, dtype=dtype, device=rec.device)
+        return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[None, None]
+    raise ValueError(f"packed training needs attn_implementation sdpa or eager, got {attn_implementation!r}")
 
 
 def _janus_module_class() -> type:
@@ -135,8 +150,10 @@ def _janus_module_class() -> type:
             else:
                 embeds = embeds + self.generation_embeddings(input_ids.new_zeros((0, 1))).to(embeds.dtype).sum()
             image_labels = torch.where(b["image_target"][0], image_labels, torch.full_like(image_labels, -100))
-            hidden = inner.language_model(
-                inputs_embeds=embeds.unsqueeze(0), position_ids=b["position_ids"], use_cache=False
+            lm = inner.language_model
+            mask = record_attention_mask(b["record_index"], lm.config._attn_implementation, embeds.dtype)
+            hidden = lm(
+                inputs_embeds=embeds.unsqueeze(0), attention_mask=mask, position_ids=b["position_ids"], use_cache=False
             ).last_hidden_state[0]
             text_labels = b["text_labels"][0]
             modes = b["mode_ids"][0]
@@ -195,7 +212,7 @@ class JanusAdapter(ModelAdapter):
         return self._format
 
     def _pixels(self, images: list[bytes]) -> Any:
-        return self.processor.image_processor([_decode_rgb(b) for b in images], return_tensors="pt")["pixel_values"]
+        return self.processor.image_processor([decode_rgb(b) for b in images], return_tensors="pt")["pixel_values"]
 
     def preprocess_understanding(self, images: list[bytes]) -> Any:
         return self._pixels(images)
