@@ -466,11 +466,16 @@ def write_gallery(out: Path) -> Path:
             f'<div class="cell"><pre class="t2">{e(r["t2"])}</pre></div>'
             f'<div class="cell">{i2}</div></div>'
         )
+    n_images = sum(1 + bool(r["i2"]) for r in table.select(["i2"]).to_pylist())
     page = (
         f"<!doctype html><html><head><meta charset='utf-8'><title>irgl generate: {e(str(out))}</title>"
         f"<style>{_CSS}</style></head><body><h1>irgl generate</h1>"
         f'<p class="muted">model {e(settings["model"])} | <b id="count">{table.num_rows}</b> prompts | '
-        f"sampling {e(json.dumps(settings['sampling'], sort_keys=True))} | seed {settings['seed']}</p>"
+        f"sampling {e(json.dumps(settings['sampling'], sort_keys=True))} | seed {settings['seed']} | images shown "
+        f'<b id="loaded">0</b>/<b id="images">{n_images}</b></p>'
+        # Counts the images that really loaded (a missing file shows as a gap in this count).
+        "<script>addEventListener('load',()=>{document.getElementById('loaded').textContent="
+        "[...document.images].filter(i=>i.complete&&i.naturalWidth>0).length})</script>"
         '<div class="row head"><div>prompt</div><div>T1 (thinking)</div><div>I1</div><div>T2 (reflection)</div>'
         f"<div>I2</div></div>{''.join(rows)}</body></html>"
     )
