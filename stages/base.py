@@ -18,7 +18,8 @@ from collections.abc import Sequence
 from typing import Any
 
 from schemas.config import TextModelConfig
-from schemas.work import FAILED, FILTERED, OK, Batch, json_update
+from schemas.reflection import cap_reason, capped_section
+from schemas.work import FAILED, FILTERED, OK, Batch, json_update, stage_seed
 from stages.engines.errors import EngineDead, is_engine_dead
 
 
@@ -176,9 +177,17 @@ class ModelStage(Stage):
 
 
 class TextStage(ModelStage):
-    """A stage that writes text with an LLM/VLM (T1, T2); `strategy` picks what it looks at."""
+    """A stage that writes text with an LLM/VLM (T1, T2); `strategy` picks what it looks at.
+
+    A subclass says what it asks for (`instruction`), which template its text follows (`template`, `regex`) and
+    where the checked text goes (`store`); the requests (one per row, the row's stage seed) and the checks every
+    generated text gets (not empty; with structured outputs, no section cut off at the regex's cap) are here."""
 
     concurrent = True  # every TextEngine has `agenerate`; vLLM batches concurrent calls continuously
+
+    #: The text this stage writes, for messages ("T1", "T2"), and its template (`schemas.reflection.capped_section`).
+    text_name: str = "text"
+    template: str = "think"
 
     def __init__(
         self, model: TextModelConfig, strategy: str = "forward", fault_rate: float = 0.0, engine: Any = None
@@ -191,9 +200,41 @@ class TextStage(ModelStage):
 
         return open_text_engine(self.cfg)
 
-    def requests(self, batch: Batch, rows: list[int]) -> list[Any]:
-        """One `TextRequest` per row in `rows` (prompt, images, regex, per-row seed)."""
+    def instruction(self, batch: Batch, i: int) -> tuple[str, list[bytes]]:
+        """The user text and the images (encoded, shown before the text) of row `i`'s request."""
         raise NotImplementedError
+
+    def regex(self) -> str:
+        """The structured-output regex of this stage's template, for the configured section budget."""
+        raise NotImplementedError
+
+    def requests(self, batch: Batch, rows: list[int]) -> list[Any]:
+        """One `TextRequest` per row in `rows`: its instruction and images, the regex (with structured outputs) and
+        the row's seed for this stage."""
+        from stages.engines.text import TextRequest
+
+        regex = self.regex() if self.cfg.structured else None
+        requests = []
+        for i in rows:
+            text, images = self.instruction(batch, i)
+            seed = stage_seed(batch["seed"][i], self.name)
+            requests.append(TextRequest(prompt=text, images=images, regex=regex, seed=seed))
+        return requests
+
+    def generated_text(self, result: Any) -> str:
+        """The engine's text for one row, stripped; an empty one fails the row."""
+        text = (result or "").strip()
+        if not text:
+            raise StageError(f"empty generation for {self.text_name}")
+        return text
+
+    def check_cap(self, text: str) -> None:
+        """Fail the row when a section of its (template-valid) text reached the regex's cap: only where the regex
+        bounded the text (structured outputs) was a body at the cap cut off by the grammar."""
+        if self.cfg.structured:
+            capped = capped_section(text, self.cfg.max_section_chars, template=self.template)
+            if capped is not None:
+                raise StageError(cap_reason(capped, self.cfg.max_section_chars))
 
     def process(self, batch: Batch, rows: list[int]) -> list[Any]:
         return self.engine.generate(self.requests(batch, rows))

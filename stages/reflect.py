@@ -17,16 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.reflection import (
-    HEADINGS,
-    ReflectionError,
-    cap_reason,
-    capped_section,
-    parse_reflection,
-    reflection_regex,
-    strip_think,
-)
-from schemas.work import Batch, stage_seed
+from schemas.reflection import HEADINGS, ReflectionError, parse_reflection, reflection_regex, strip_think
+from schemas.work import Batch
 from stages.base import StageError, TextStage
 
 
@@ -66,35 +58,24 @@ def reflect_instruction_hindsight(prompt: str, max_chars: int) -> str:
 
 class ReflectStage(TextStage):
     name = "reflect"
+    text_name = "T2"
+    template = "reflection"
 
-    def requests(self, batch: Batch, rows: list[int]) -> list[Any]:
-        from stages.engines.text import TextRequest
+    def instruction(self, batch: Batch, i: int) -> tuple[str, list[bytes]]:
+        prompt, budget = batch["prompt"][i], self.cfg.max_section_chars
+        if self.strategy == "hindsight":
+            return reflect_instruction_hindsight(prompt, budget), [batch["i1"][i], batch["i2"][i]]
+        return reflect_instruction(prompt, batch["t1"][i], budget), [batch["i1"][i]]
 
-        regex = reflection_regex(self.cfg.max_section_chars) if self.cfg.structured else None
-        requests = []
-        for i in rows:
-            prompt, seed = batch["prompt"][i], stage_seed(batch["seed"][i], self.name)
-            if self.strategy == "hindsight":
-                text = reflect_instruction_hindsight(prompt, self.cfg.max_section_chars)
-                images = [batch["i1"][i], batch["i2"][i]]
-            else:
-                text = reflect_instruction(prompt, batch["t1"][i], self.cfg.max_section_chars)
-                images = [batch["i1"][i]]
-            requests.append(TextRequest(prompt=text, images=images, regex=regex, seed=seed))
-        return requests
+    def regex(self) -> str:
+        return reflection_regex(self.cfg.max_section_chars)
 
     def store(self, batch: Batch, i: int, result: Any) -> None:
-        text = (result or "").strip()
-        if not text:
-            raise StageError("empty generation for T2")
+        text = self.generated_text(result)
         try:
             reflection = parse_reflection(text)
         except ReflectionError as exc:
             raise StageError(f"T2 breaks the template ({exc.section}): {exc}") from exc
-        if self.cfg.structured:
-            # Only where the regex bounded the text: there a body at the cap was cut by the grammar.
-            capped = capped_section(text, self.cfg.max_section_chars, template="reflection")
-            if capped is not None:
-                raise StageError(cap_reason(capped, self.cfg.max_section_chars))
+        self.check_cap(text)
         batch["t2"][i] = text
         batch["final_prompt"][i] = reflection.final_prompt

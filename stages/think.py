@@ -17,8 +17,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.reflection import ReflectionError, cap_reason, capped_section, strip_think, think_regex
-from schemas.work import Batch, stage_seed
+from schemas.reflection import ReflectionError, strip_think, think_regex
+from schemas.work import Batch
 from stages.base import StageError, TextStage
 
 
@@ -50,44 +50,23 @@ def think_instruction_hindsight(prompt: str, max_chars: int) -> str:
 
 class ThinkStage(TextStage):
     name = "think"
+    text_name = "T1"
+    template = "think"
 
-    def requests(self, batch: Batch, rows: list[int]) -> list[Any]:
-        from stages.engines.text import TextRequest
+    def instruction(self, batch: Batch, i: int) -> tuple[str, list[bytes]]:
+        prompt, budget = batch["prompt"][i], self.cfg.max_section_chars
+        if self.strategy == "hindsight":
+            return think_instruction_hindsight(prompt, budget), [batch["i2"][i]]
+        return think_instruction(prompt, budget), []
 
-        regex = think_regex(self.cfg.max_section_chars) if self.cfg.structured else None
-        requests = []
-        for i in rows:
-            prompt = batch["prompt"][i]
-            if self.strategy == "hindsight":
-                requests.append(
-                    TextRequest(
-                        prompt=think_instruction_hindsight(prompt, self.cfg.max_section_chars),
-                        images=[batch["i2"][i]],
-                        regex=regex,
-                        seed=stage_seed(batch["seed"][i], self.name),
-                    )
-                )
-            else:
-                requests.append(
-                    TextRequest(
-                        prompt=think_instruction(prompt, self.cfg.max_section_chars),
-                        regex=regex,
-                        seed=stage_seed(batch["seed"][i], self.name),
-                    )
-                )
-        return requests
+    def regex(self) -> str:
+        return think_regex(self.cfg.max_section_chars)
 
     def store(self, batch: Batch, i: int, result: Any) -> None:
-        text = (result or "").strip()
-        if not text:
-            raise StageError("empty generation for T1")
+        text = self.generated_text(result)
         try:
             strip_think(text)
         except ReflectionError as exc:
             raise StageError(f"T1 is not a <think> block: {exc}") from exc
-        if self.cfg.structured:
-            # Only where the regex bounded the text: there a body at the cap was cut by the grammar.
-            capped = capped_section(text, self.cfg.max_section_chars, template="think")
-            if capped is not None:
-                raise StageError(cap_reason(capped, self.cfg.max_section_chars))
+        self.check_cap(text)
         batch["t1"][i] = text
