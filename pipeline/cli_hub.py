@@ -32,7 +32,8 @@ def plan_command(
     """Validate the config and print the stage graph, resources, expected records, GPU-hours, wall time, options that
     would speed stages up (torch.compile, scorer CPUs) and warnings (budgets that make rows fail, GPUs the cluster
     cannot give or would not start). Loads no model and contacts nothing."""
-    from pipeline.plan import PlanError, format_plan, plan_from_file
+    from pipeline.plan import PlanError, plan_from_file
+    from pipeline.plan.render import format_plan
     from schemas.config import ConfigError
 
     try:

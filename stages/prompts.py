@@ -185,13 +185,20 @@ def _raw_hf(cfg: PromptSourceConfig, report: PromptReport) -> Iterator[tuple[str
         yield value, f"{cfg.path}[{i}]"
 
 
+def effective_sources(sources: list[PromptSourceConfig], path: str | None = None) -> list[PromptSourceConfig]:
+    """The sources a build reads: the config's, or - `path`, the `--prompts` option of build and plan - one file of
+    the kind its extension says, read with the first source's field."""
+    if path is None:
+        return list(sources)
+    return [PromptSourceConfig(kind="auto", path=path, field=sources[0].field if sources else "prompt")]
+
+
 def load_sources(
     sources: list[PromptSourceConfig], path: str | None = None, limit: int | None = None
 ) -> tuple[list[Prompt], PromptReport]:
     """Read several sources in order into one deduplicated list. `path` (the --prompts option) replaces them all
-    with one file of the kind its extension says."""
-    if path is not None:
-        sources = [PromptSourceConfig(kind="auto", path=path, field=sources[0].field if sources else "prompt")]
+    (effective_sources)."""
+    sources = effective_sources(sources, path)
     report = PromptReport()
     seen: set[str] = set()
     prompts: list[Prompt] = []

@@ -16,7 +16,8 @@ from typing import Any
 import pytest
 import yaml
 
-from pipeline.plan import load_cluster, plan_from_file
+from pipeline.plan import plan_from_file
+from pipeline.plan.cluster import load_cluster
 from schemas.config import BuildConfig, load_build_config
 from schemas.stages import stage_config, stage_order
 

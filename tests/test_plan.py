@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from pathlib import Path
 
@@ -10,29 +11,49 @@ import typer
 import yaml
 from typer.testing import CliRunner
 
-from pipeline import plan as P
 from pipeline.cli_hub import plan_command
-from pipeline.plan import (
-    IMAGE_SECONDS_PER_STEP,
-    load_cluster,
-    make_plan,
-    pack_actors,
-    params_billions,
-    plan_from_file,
-    split_slice_count,
-    vlm_image_tokens,
-)
+from pipeline.plan import figures as F
+from pipeline.plan import plan_from_file
+from pipeline.plan import rates as P
+from pipeline.plan.cluster import load_cluster, pack_actors
+from pipeline.plan.counts import split_slice_count
+from pipeline.plan.estimate import make_plan
+from pipeline.plan.figures import IMAGE_SECONDS_PER_STEP
+from pipeline.plan.rates import params_billions, vlm_image_tokens
+from pipeline.plan.render import format_plan
 from schemas.config import ConfigError, load_build_config
 from schemas.modes import MODES
+from schemas.reflection import reflection_regex_max_chars, think_regex_max_chars
 from schemas.stages import STAGE_NAMES, STAGES, STRATEGY_ORDER, model_stages, stage_order
 
 ROOT = Path(__file__).resolve().parents[1]
 FORWARD = ROOT / "configs" / "irgl-300k.yaml"
 HINDSIGHT = ROOT / "configs" / "irgl-300k-hindsight.yaml"
+TINY = ROOT / "configs" / "tiny.yaml"
 CLUSTER = ROOT / "ray_cluster.yaml"
-#: The presets' prompts: the generator's distinct prompts (40,000 drawn, seed 0) + three Hub slices.
-GENERATED = 10_462
-HUB_ROWS = 1_600 + 70_000 + 220_000
+GPU_STAGES = ("think", "draw_initial", "reflect", "draw_refined", "score")
+
+
+def _expected_prompts(preset: Path) -> int:
+    """The presets' prompt count, from the config alone and not through the plan's counting: the generator's
+    distinct prompts (it repeats its simple templates) plus the rows of each Hub source's absolute slice."""
+    from stages.prompts import generate_prompts
+
+    total = 0
+    for src in yaml.safe_load(preset.read_text())["prompts"]:
+        if src["kind"] == "generator":
+            total += len(set(generate_prompts(src["generator_count"], src["generator_seed"])))
+        else:
+            m = re.fullmatch(r"train\[:(\d+)\]", src["split"])
+            assert m, src
+            total += int(m.group(1))
+    return total
+
+
+def _held_gpus(preset: Path) -> float:
+    """replicas x num_gpus summed over the stage sections of the YAML."""
+    data = yaml.safe_load(preset.read_text())
+    return sum(data[s]["resources"]["replicas"] * data[s]["resources"]["num_gpus"] for s in GPU_STAGES)
 
 
 def _app() -> typer.Typer:
@@ -43,6 +64,9 @@ def _app() -> typer.Typer:
 
 
 def _run(*args: str):
+    """`irgl plan ARGS`; a first argument that is a path is the config (`--config`)."""
+    if args and isinstance(args[0], Path):
+        args = ("--config", *args)
     return CliRunner().invoke(_app(), ["plan", *map(str, args)])
 
 
@@ -66,27 +90,31 @@ def _preset_copy(tmp_path: Path, preset: Path, edit) -> Path:  # noqa: ANN001 (a
 
 
 @pytest.mark.parametrize(
-    ("preset", "order", "gpus", "bottleneck"),
+    ("preset", "order", "bottleneck"),
     [
-        (FORWARD, ["think", "draw_initial", "reflect", "draw_refined", "score", "assemble"], 61, "draw_initial"),
-        (HINDSIGHT, ["draw_initial", "draw_refined", "think", "reflect", "score", "assemble"], 64, "reflect"),
+        (FORWARD, ["think", "draw_initial", "reflect", "draw_refined", "score", "assemble"], "draw_initial"),
+        (HINDSIGHT, ["draw_initial", "draw_refined", "think", "reflect", "score", "assemble"], "reflect"),
     ],
 )
-def test_presets_plan_cleanly(preset: Path, order: list[str], gpus: int, bottleneck: str, no_network: None) -> None:
+def test_presets_plan_cleanly(preset: Path, order: list[str], bottleneck: str, no_network: None) -> None:
     result = _run(preset, "--cluster", CLUSTER, "--strict")
     assert result.exit_code == 0, result.output
     out = result.output
+    expected = _expected_prompts(preset)
     assert "stage graph: prompts -> " + " -> ".join(order) in out
-    assert f"expected trajectories: at most {GENERATED + HUB_ROWS:,}" in out
+    assert f"expected trajectories: at most {expected:,}" in out
     for m in MODES:
-        assert f"{m.index} {m.name}" in out
+        assert f"{m.index} {m.name} " in out and f"{expected:,}" in out
     assert "Qwen/Qwen2.5-VL-72B-Instruct" in out and "black-forest-labs/FLUX.1-dev" in out
     assert "no warnings" in out and "warning:" not in out
 
     plan = plan_from_file(preset, cluster=CLUSTER)
     assert [s.name for s in plan.stages] == order
-    assert plan.trajectories == plan.records_per_mode == GENERATED + HUB_ROWS
-    assert plan.total_gpus == gpus <= plan.cluster.max_gpus
+    assert plan.trajectories == plan.records_per_mode == expected
+    assert plan.total_gpus == _held_gpus(preset) <= plan.cluster.max_gpus
+    # Records per mode follow the documented formula: round(prompts x keep rate), one per mode per trajectory.
+    for keep in (0.6, 0.25):
+        assert plan_from_file(preset, keep_rate=keep).records_per_mode == round(expected * keep)
     # Plausible H100 numbers: the job takes hours (not minutes, not weeks); reserved >= busy GPU-hours.
     assert 4 * 3600 < plan.wall_seconds < 24 * 3600
     assert 200 < plan.gpu_hours_busy <= plan.gpu_hours_reserved < 1500
@@ -109,9 +137,9 @@ def test_forward_estimates_follow_the_figures() -> None:
     stages = {s.name: s for s in plan.stages}
     flux_step = next(v for k, v, _ in IMAGE_SECONDS_PER_STEP if k == "flux")
     assert flux_step == 0.183
-    _, encoders, vae, _ = next(row for row in P.IMAGE_PIPELINE_SECONDS if row[0] == "flux")
-    jpeg_encode, jpeg_decode = P.IMAGE_ENCODE_CPU_SECONDS["jpeg"], P.IMAGE_DECODE_CPU_SECONDS["jpeg"]
-    refined = 16 * flux_step + encoders + vae * (1 + P.VAE_ENCODE_OF_DECODE) + jpeg_encode + jpeg_decode
+    _, encoders, vae, _ = next(row for row in F.IMAGE_PIPELINE_SECONDS if row[0] == "flux")
+    jpeg_encode, jpeg_decode = F.IMAGE_ENCODE_CPU_SECONDS["jpeg"], F.IMAGE_DECODE_CPU_SECONDS["jpeg"]
+    refined = 16 * flux_step + encoders + vae * (1 + F.VAE_ENCODE_OF_DECODE) + jpeg_encode + jpeg_decode
     assert stages["draw_refined"].items_per_second == pytest.approx(1 / refined)
     assert stages["draw_initial"].items_per_second == pytest.approx(1 / (4 * flux_step + encoders + vae + jpeg_encode))
     assert (
@@ -119,17 +147,18 @@ def test_forward_estimates_follow_the_figures() -> None:
         in stages["draw_refined"].rate_source
     )
     # Scoring: 2 images x (decode + preprocessing) on 8 threads is slower than ViT-L/14's 2 x 1/2,600 s on the GPU.
-    cpu = 2 * (jpeg_decode + P.CLIP_PREPROCESS_CPU_SECONDS) / 8
+    cpu = 2 * (jpeg_decode + F.CLIP_PREPROCESS_CPU_SECONDS) / 8
     assert cpu > 2 / 2600 and stages["score"].items_per_second == pytest.approx(1 / cpu)
     assert "CPU-bound" in stages["score"].rate_source
     # Text: decode + prefill (+ the vision encoder for T2's image); T1 forward is text only.
     decode_tps, prefill_tps = 36_000 / 72 * 4, 400e12 * 4 / (2 * 72e9)
-    think_out = 0.5 * P.regex_max_chars(load_build_config(FORWARD).think.model, "think") / 4
-    think_in = P.INSTRUCTION_TOKENS["think"] + P.MEAN_PROMPT_CHARS / 4
+    cfg = load_build_config(FORWARD)
+    think_out = 0.5 * think_regex_max_chars(cfg.think.model.max_section_chars) / 4  # half the regex's text, 4 ch/tok
+    think_in = F.INSTRUCTION_TOKENS["think"] + F.MEAN_PROMPT_CHARS / 4
     assert stages["think"].items_per_second == pytest.approx(1 / (think_out / decode_tps + think_in / prefill_tps))
     assert "decode ~2,000 output tok/s" in stages["think"].rate_source and "image" not in stages["think"].rate_source
-    reflect_out = 0.5 * P.regex_max_chars(load_build_config(FORWARD).reflect.model, "reflect") / 4
-    reflect_in = P.INSTRUCTION_TOKENS["reflect"] + P.MEAN_PROMPT_CHARS / 4 + think_out + 1369
+    reflect_out = 0.5 * reflection_regex_max_chars(cfg.reflect.model.max_section_chars) / 4
+    reflect_in = F.INSTRUCTION_TOKENS["reflect"] + F.MEAN_PROMPT_CHARS / 4 + think_out + 1369
     vision = 2 * 0.67e9 * 4 * 1369 / (400e12 * 4)
     expected = 1 / (reflect_out / decode_tps + reflect_in / prefill_tps + vision)
     assert stages["reflect"].items_per_second == pytest.approx(expected)
@@ -190,10 +219,10 @@ def test_compile_on_cpu_warns(tmp_path: Path) -> None:
     def edit(d: dict) -> None:
         d["draw_initial"]["model"]["compile"] = True
 
-    cfg = load_build_config(ROOT / "configs" / "tiny.yaml", {"draw_initial.model.compile": True})
+    cfg = load_build_config(TINY, {"draw_initial.model.compile": True})
     warnings = make_plan(cfg).warnings
     assert any(w.startswith("draw_initial: compile: true on CPU") for w in warnings)
-    assert not any("compile" in w for w in make_plan(load_build_config(ROOT / "configs" / "tiny.yaml")).warnings)
+    assert not any("compile" in w for w in make_plan(load_build_config(TINY)).warnings)
 
 
 def test_image_engine_compiles_the_denoiser() -> None:
@@ -369,10 +398,10 @@ def test_token_budget_and_cap_warnings(tmp_path: Path) -> None:
     # source) + the longest T1 the think regex allows, at ~4 characters per token.
     cfg = load_build_config(path)
     load = P.text_load(cfg, "reflect", 2000)
-    assert load.max_prompt_tokens == pytest.approx(P.INSTRUCTION_TOKENS["reflect"] + (2000 + 418) / 4)
+    assert load.max_prompt_tokens == pytest.approx(F.INSTRUCTION_TOKENS["reflect"] + (2000 + 418) / 4)
 
     # tiny: models write random text: no section-cap warning for them (the tiny preset plans without warnings).
-    tiny = make_plan(load_build_config(ROOT / "configs" / "tiny.yaml"))
+    tiny = make_plan(load_build_config(TINY))
     assert not [w for w in tiny.warnings if "max_section_chars" in w or "max_model_len" in w or "max_tokens" in w]
 
 
@@ -384,7 +413,7 @@ def test_presets_leave_room_for_prompts_and_images() -> None:
             m = getattr(cfg, name).model
             load = P.text_load(cfg, name, max(s.max_chars for s in cfg.prompts))
             assert load.max_prompt_tokens + load.image_tokens + m.max_tokens < m.max_model_len, (preset.name, name)
-            assert m.max_section_chars >= P.MIN_SECTION_CHARS[name]
+            assert m.max_section_chars >= F.MIN_SECTION_CHARS[name]
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -400,7 +429,7 @@ def test_stage_registry_is_what_everything_reads() -> None:
         "think": "text", "draw_initial": "image", "reflect": "text", "draw_refined": "image", "score": "score",
         "assemble": "cpu",
     }  # fmt: skip
-    for preset in (FORWARD, HINDSIGHT, ROOT / "configs" / "tiny.yaml"):
+    for preset in (FORWARD, HINDSIGHT, TINY):
         cfg = load_build_config(preset)
         order = list(STRATEGY_ORDER[cfg.strategy])
         assert [s.name for s in stage_graph(cfg)] == order == [s.name for s in stage_order(cfg.strategy)]
@@ -419,13 +448,13 @@ def test_stage_registry_is_what_everything_reads() -> None:
 
 
 def test_fault_injection_keys_come_from_the_registry(tmp_path: Path) -> None:
-    cfg = load_build_config(ROOT / "configs" / "tiny.yaml", {"fault_injection": {n: 0.5 for n in STAGE_NAMES}})
+    cfg = load_build_config(TINY, {"fault_injection": {n: 0.5 for n in STAGE_NAMES}})
     assert set(cfg.fault_injection) == set(STAGE_NAMES)
     from pipeline.build import stage_graph
 
     assert {s.name: s.kwargs["fault_rate"] for s in stage_graph(cfg)} == {n: 0.5 for n in STAGE_NAMES}
     with pytest.raises(ConfigError) as err:
-        load_build_config(ROOT / "configs" / "tiny.yaml", {"fault_injection": {"reflekt": 0.5}})
+        load_build_config(TINY, {"fault_injection": {"reflekt": 0.5}})
     assert "fault_injection.reflekt" in str(err.value) and "'draw_refined', 'score' or 'assemble'" in str(err.value)
 
 
@@ -448,8 +477,8 @@ def test_head_node_work_is_planned_and_too_few_writers_warn(tmp_path: Path) -> N
     """The unit writers' CPU over the build, and a warning when they would fall behind the stages."""
     cfg = load_build_config(str(FORWARD))
     plan = make_plan(cfg)
-    assert plan.writer_hours == pytest.approx(plan.trajectories * P.WRITER_CPU_PER_TRAJECTORY / 3600)
-    text = P.format_plan(plan)
+    assert plan.writer_hours == pytest.approx(plan.trajectories * F.WRITER_CPU_PER_TRAJECTORY / 3600)
+    text = format_plan(plan)
     assert f"head node: {cfg.shard_writers} unit-writer processes write each unit's shards" in text
     assert not [w for w in plan.warnings if w.startswith("shard_writers")]
 
