@@ -490,3 +490,149 @@ def test_head_node_work_is_planned_and_too_few_writers_warn(tmp_path: Path) -> N
     fast = make_plan(load_build_config(str(_preset_copy(tmp_path, FORWARD, edit))))
     behind = [w for w in fast.warnings if w.startswith("shard_writers: 1 write ~116,129 trajectories/hour")]
     assert behind, fast.warnings
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The plan's arithmetic against numbers computed here by hand, and relations that any correct throughput model keeps
+
+
+def _prompt_file(tmp_path: Path, n: int) -> Path:
+    path = tmp_path / f"prompts-{n}.txt"
+    path.write_text("".join(f"prompt number {i}\n" for i in range(n)))
+    return path
+
+
+def test_hand_computed_plan(tmp_path: Path) -> None:
+    """Measured rates in the config, 600 prompts, keep rate 0.5: every number of the plan, worked out by hand.
+
+    stage         replicas x GPUs  items/s   busy s = 600 / rate   wall s = busy / replicas   GPU-s = busy x GPUs
+    think             2 x 4          0.5         1,200                   600                       4,800
+    draw_initial      3 x 1          1.0           600                   200                         600
+    reflect           2 x 4          0.25        2,400                 1,200                       9,600
+    draw_refined      4 x 1          0.5         1,200                   300                       1,200
+    score             1 x 1         10.0            60                    60                          60
+    wall = 1,200 s (reflect); GPUs held 8 + 3 + 8 + 4 + 1 = 24; busy 16,260 GPU-s = 4.5167 GPU-h; reserved
+    24 x 1,200 s = 8 GPU-h; records per mode round(600 x 0.5) = 300; 7 images per trajectory in the six modes at
+    0.5 MB (1024^2 JPEG): Parquet 300 x 7 x 0.5 MB = 1.05 GB = upload; disk = Parquet + the same in WebDataset +
+    I1 and I2 once in trajectories/ (300 x 2 x 0.5 MB) = 2.4 GB; unit writers 600 x 0.031 s = 18.6 CPU-s."""
+    table = {
+        "think": (2, 4, 0.5), "draw_initial": (3, 1, 1.0), "reflect": (2, 4, 0.25), "draw_refined": (4, 1, 0.5),
+        "score": (1, 1, 10.0),
+    }  # fmt: skip
+
+    def edit(d: dict) -> None:
+        for name, (replicas, gpus, rate) in table.items():
+            d[name]["resources"].update(replicas=replicas, num_gpus=gpus, items_per_second=rate)
+        d["shards"]["webdataset"] = True
+
+    cfg = load_build_config(str(_preset_copy(tmp_path, FORWARD, edit)))
+    plan = make_plan(cfg, keep_rate=0.5, prompts_path=str(_prompt_file(tmp_path, 600)))
+    stages = {s.name: s for s in plan.stages}
+    assert plan.trajectories == 600 and plan.records_per_mode == 300
+    assert {n: stages[n].busy_seconds for n in table} == pytest.approx(
+        {"think": 1200, "draw_initial": 600, "reflect": 2400, "draw_refined": 1200, "score": 60}
+    )
+    assert {n: stages[n].wall_seconds for n in table} == pytest.approx(
+        {"think": 600, "draw_initial": 200, "reflect": 1200, "draw_refined": 300, "score": 60}
+    )
+    assert plan.wall_seconds == pytest.approx(1200) and plan.bottleneck == "reflect"
+    assert plan.total_gpus == 24
+    assert plan.gpu_hours_busy == pytest.approx(16_260 / 3600)
+    assert plan.gpu_hours_reserved == pytest.approx(8.0)
+    assert plan.upload_bytes == pytest.approx(1.05e9) and plan.disk_bytes == pytest.approx(2.4e9)
+    assert plan.writer_hours == pytest.approx(18.6 / 3600)
+    text = format_plan(plan)
+    assert "wall time (streaming; slowest stage: reflect): 20 min" in text
+    assert "GPU-hours: 5 busy, 8 reserved" in text
+    assert "disk for OUT: ~2.4 GB; Hub upload (Parquet): ~1.1 GB" in text
+    assert "stage utilisation: think 50%, draw_initial 17%, reflect 100%, draw_refined 25%, score 5%" in text
+
+
+def _variant(tmp_path: Path, name: str, **changes: object):  # noqa: ANN202 (a Plan)
+    """The forward preset planned for 1,000 prompts with `changes` ({'stage.section.key': value}) applied."""
+
+    def edit(d: dict) -> None:
+        for dotted, value in changes.items():
+            *path, key = dotted.split("__")
+            node = d
+            for part in path:
+                node = node[part]
+            node[key] = value
+
+    (tmp_path / name).mkdir()
+    path = _preset_copy(tmp_path / name, FORWARD, edit)
+    return make_plan(load_build_config(str(path)), limit=1000)
+
+
+def _stage(plan, name: str):  # noqa: ANN001, ANN202
+    return next(s for s in plan.stages if s.name == name)
+
+
+def test_doubling_every_pool_halves_the_wall_time_not_the_gpu_hours(tmp_path: Path) -> None:
+    base = _variant(tmp_path, "base")
+    doubled = {f"{s}__resources__replicas": 2 * _stage(base, s).resources.replicas for s in GPU_STAGES}
+    twice = _variant(tmp_path, "twice", **doubled)
+    assert twice.total_gpus == 2 * base.total_gpus
+    assert twice.wall_seconds == pytest.approx(base.wall_seconds / 2)
+    assert twice.gpu_hours_busy == pytest.approx(base.gpu_hours_busy)  # the same work on more GPUs
+    assert twice.gpu_hours_reserved == pytest.approx(base.gpu_hours_reserved)  # 2x GPUs for half the time
+    for s in GPU_STAGES:
+        assert _stage(twice, s).wall_seconds == pytest.approx(_stage(base, s).wall_seconds / 2), s
+
+
+def test_twice_the_prompts_twice_the_time_and_gpu_hours(tmp_path: Path) -> None:
+    cfg = load_build_config(FORWARD)
+    one, two = make_plan(cfg, limit=1000), make_plan(cfg, limit=2000)
+    assert two.trajectories == 2 * one.trajectories == 2000
+    assert two.wall_seconds == pytest.approx(2 * one.wall_seconds)
+    assert two.gpu_hours_busy == pytest.approx(2 * one.gpu_hours_busy)
+    assert two.disk_bytes == pytest.approx(2 * one.disk_bytes)
+    assert make_plan(cfg, limit=1000, keep_rate=0.5).upload_bytes == pytest.approx(one.upload_bytes / 2)
+
+
+def test_more_gpus_per_vlm_engine_make_it_that_much_faster(tmp_path: Path) -> None:
+    """Decode and prefill both scale with the engine's GPUs (tensor parallel): 8 GPUs instead of 4 double the rate,
+    so the stage's wall time halves and its GPU-hours stay."""
+    base = _variant(tmp_path, "base")
+    wide = _variant(tmp_path, "wide", think__model__tensor_parallel_size=8, think__resources__num_gpus=8)
+    assert _stage(wide, "think").items_per_second == pytest.approx(2 * _stage(base, "think").items_per_second)
+    assert _stage(wide, "think").wall_seconds == pytest.approx(_stage(base, "think").wall_seconds / 2)
+    busy = [_stage(p, "think").busy_seconds * _stage(p, "think").resources.num_gpus for p in (base, wide)]
+    assert busy[1] == pytest.approx(busy[0])
+
+
+def test_more_tokens_cost_more_gpu_hours(tmp_path: Path) -> None:
+    """Longer T1 (a larger section cap lets the structured output run longer): more decode per trajectory, a slower
+    think stage, more GPU-hours; a smaller model decodes faster."""
+    base = _variant(tmp_path, "base")
+    longer = _variant(tmp_path, "longer", think__model__max_section_chars=2400, think__model__max_tokens=9760)
+    assert _stage(longer, "think").items_per_second < _stage(base, "think").items_per_second
+    assert longer.gpu_hours_busy > base.gpu_hours_busy
+    small = _variant(tmp_path, "small", think__model__model="Qwen/Qwen2.5-VL-7B-Instruct")
+    assert _stage(small, "think").items_per_second > 5 * _stage(base, "think").items_per_second
+
+
+def test_image_time_is_linear_in_steps_and_pixels(tmp_path: Path) -> None:
+    """Seconds per image grow by the same amount for each added denoising step (image-to-image runs
+    floor(steps x strength) of them), and halving the pixels halves every part but the text encoders."""
+    seconds = {
+        steps: 1
+        / _stage(_variant(tmp_path, f"s{steps}", draw_initial__model__steps=steps), "draw_initial").items_per_second
+        for steps in (4, 8, 12)
+    }
+    assert seconds[12] - seconds[8] == pytest.approx(seconds[8] - seconds[4]) and seconds[8] > seconds[4]
+    per_step = (seconds[8] - seconds[4]) / 4  # FLUX.1-schnell at 1024^2: the FLUX figure
+    flux = next(v for k, v, _ in IMAGE_SECONDS_PER_STEP if k == "flux")
+    assert per_step == pytest.approx(flux)
+    refined = {
+        strength: 1
+        / _stage(
+            _variant(tmp_path, f"r{strength}", draw_refined__model__strength=strength), "draw_refined"
+        ).items_per_second
+        for strength in (0.5, 0.75)
+    }
+    assert refined[0.75] - refined[0.5] == pytest.approx((21 - 14) * flux)  # floor(28 x .75) - floor(28 x .5) steps
+    half = _variant(tmp_path, "half", draw_initial__model__width=512, draw_initial__model__height=1024)
+    encoders = next(row[1] for row in F.IMAGE_PIPELINE_SECONDS if row[0] == "flux")
+    full_s, half_s = seconds[4], 1 / _stage(half, "draw_initial").items_per_second
+    assert half_s - encoders == pytest.approx((full_s - encoders) / 2)
