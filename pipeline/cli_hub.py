@@ -80,8 +80,9 @@ def publish_command(
     """Verify OUT, then upload its mode Parquet shards and a Hub dataset card (resumable: rerun to continue).
     Prints the file count and total size first and refuses above --max-size unless --yes. The token comes from
     HF_TOKEN or `hf auth login` and is never printed."""
+    from pipeline.humanize import parse_size
     from pipeline.lock import OutLocked
-    from pipeline.publish import PublishError, PublishRefused, parse_size, publish
+    from pipeline.publish import PublishError, PublishRefused, UploadSpec, publish
     from pipeline.verify import default_jobs
 
     try:
@@ -89,10 +90,10 @@ def publish_command(
     except ValueError as exc:
         fail(f"--max-size {exc}")
     try:
+        spec = UploadSpec(repo_id, private, revision, include_wds, include_internal, license_name)
         publish(
-            out, repo_id, private=private, revision=revision, include_wds=include_wds,
-            include_internal=include_internal, license_name=license_name, dry_run=dry_run, stage_dir=stage_dir,
-            decode_images=decode_images, max_size=max_bytes, yes=yes, jobs=jobs or default_jobs(), echo=typer.echo,
+            out, spec, dry_run=dry_run, stage_dir=stage_dir, decode_images=decode_images, max_size=max_bytes, yes=yes,
+            jobs=jobs or default_jobs(), echo=typer.echo,
         )  # fmt: skip
     except PublishRefused as exc:
         echo_problems(exc.problems, max_problems)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+from pathlib import Path
 from typing import Any
 
 #: Environment variables that hold secrets, by name or by suffix.
@@ -22,17 +23,36 @@ def is_secret_name(name: str) -> bool:
     return name.upper() in SECRET_NAMES or bool(_SECRET_NAME.search(name))
 
 
-def hf_token() -> str | None:
-    """The Hugging Face token: $HF_TOKEN (and its older names) or the login file of `hf auth login`."""
-    for name in SECRET_NAMES:
-        if os.environ.get(name):
-            return os.environ[name]
-    try:
-        from huggingface_hub import get_token
+def find_hf_token() -> tuple[str | None, str | None]:
+    """The one lookup of the Hugging Face token: (token, where it comes from), or (None, None).
 
-        return get_token()
-    except Exception:  # no huggingface_hub login: no token
-        return None
+    In order: $HF_TOKEN and its older names (SECRET_NAMES), then the login file of `hf auth login`
+    (huggingface_hub's HF_TOKEN_PATH, under $HF_HOME). The token is what the workers, the upload and the redaction
+    use; `where` is what may be printed."""
+    for name in SECRET_NAMES:
+        value = os.environ.get(name, "").strip()
+        if value:
+            return value, f"the {name} environment variable"
+    try:
+        from huggingface_hub import constants
+
+        path = constants.HF_TOKEN_PATH
+        value = Path(path).read_text(encoding="utf-8").strip()
+    except Exception:  # no huggingface_hub, no login file: no token
+        return None, None
+    return (value, f"the login file {path}") if value else (None, None)
+
+
+def hf_token() -> str | None:
+    """The Hugging Face token (find_hf_token), or None."""
+    return find_hf_token()[0]
+
+
+def hf_token_source() -> str | None:
+    """Where the token would come from, for printing (`from the HF_TOKEN environment variable (not shown)`); None
+    when there is none."""
+    where = find_hf_token()[1]
+    return f"from {where} (not shown)" if where else None
 
 
 def secret_values(extra: dict[str, str] | None = None) -> list[str]:

@@ -18,16 +18,12 @@ from typer.testing import CliRunner
 
 from pipeline.card import card_text, dataset_info
 from pipeline.cli_hub import publish_command
+from pipeline.humanize import parse_size
 from pipeline.lock import LOCK_PATH, hold_out
-from pipeline.publish import (
-    HUB_ENTRIES_PER_FOLDER,
-    PlannedFile,
-    PublishError,
-    PublishPlan,
-    parse_size,
-    plan_publish,
-    stage,
-)
+from pipeline.publish import PublishError
+from pipeline.publish.files import HUB_ENTRIES_PER_FOLDER, PlannedFile, PublishPlan, UploadSpec
+from pipeline.publish.files import plan_publish as _plan_publish
+from pipeline.publish.staging import stage
 from pipeline.shards import write_dataset
 from pipeline.synthetic import synthetic_trajectories
 from pipeline.verify import verify
@@ -57,6 +53,10 @@ def built(tmp_path_factory, trajectories) -> Path:
     (out / "trajectories").mkdir()
     (out / "trajectories" / "unit-00000.parquet").write_bytes(b"PAR1")
     return out
+
+
+def plan_publish(out: Path, repo_id: str, **options: object) -> PublishPlan:
+    return _plan_publish(out, UploadSpec(repo_id, **options))
 
 
 def _app() -> typer.Typer:

@@ -7,15 +7,8 @@ network: local prompt files and the built-in generator are read (they are the ex
 are counted from an absolute split slice (`train[:200000]`) or from `--expected-count`.
 
 The estimates are arithmetic on per-replica throughput figures: `resources.items_per_second` when the config sets
-it (your measurement), otherwise the built-in H100 figures below - some measured, most assumed, each printed with
-its source so that nobody mistakes an assumption for a measurement. What they count per trajectory:
-- text stages (vLLM): decoding the expected output, prefilling the prompt (instruction, user prompt, T1 for a
-  forward reflection) and the image tokens of the images shown (~1,369 for a 1024x1024 image in Qwen2.5-VL), and
-  the vision encoder;
-- image stages (diffusers): the denoising steps (eager, or compiled with `compile: true`), the text encoders, the
-  VAE decode (and encode of I1 for image-to-image), and encoding the image on the actor's CPU;
-- the scorer: two images through open_clip on the GPU while they are decoded and preprocessed on the actor's CPU
-  threads, the slower of the two.
+it (your measurement), otherwise the built-in H100 figures (figures.py) - some measured, most assumed, each printed with
+its source so that nobody mistakes an assumption for a measurement (what they count: rates.py).
 Settings that would speed a stage up (the image engine's `compile`, CPUs for a CPU-bound scorer) are printed as
 options; config values that make rows fail (max_tokens, section caps, context length) and clusters that would not
 start the planned GPUs are warnings. The stages, their order and config sections come from schemas/stages.py.
