@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from schemas.config import PromptSourceConfig
-from stages.prompts import PromptSourceError, generate_prompts, load_prompts, normalize
+from stages.prompts import PromptSourceError, effective_sources, generate_prompts, load_prompts, load_sources, normalize
 
 GENEVAL = Path(__file__).resolve().parent / "data" / "geneval_metadata.jsonl"  # the GenEval prompt set, 553 lines
 
@@ -97,3 +97,22 @@ def test_missing_and_unknown_files(tmp_path: Path) -> None:
 
 def test_normalize() -> None:
     assert normalize("  e\u0301te\u0301\u200b \n\t x ") == "\u00e9t\u00e9 x"
+
+
+def test_prompts_option_replaces_the_sources_for_build_and_plan(tmp_path: Path) -> None:
+    """`--prompts FILE` means the same to `irgl build` (load_sources) and `irgl plan` (the count): one file of the
+    kind its extension says, read with the first configured source's field, in place of every configured source."""
+    from pipeline.plan.estimate import make_plan
+    from schemas.config import load_build_config
+
+    f = tmp_path / "mine.jsonl"
+    f.write_text("".join(json.dumps({"text": t, "prompt": "ignored"}) + "\n" for t in ("a cat", "a dog", "a cat")))
+    configured = [PromptSourceConfig(kind="generator", generator_count=50, field="text"), PromptSourceConfig()]
+    assert effective_sources(configured) == configured
+    assert effective_sources(configured, str(f)) == [PromptSourceConfig(kind="auto", path=str(f), field="text")]
+    prompts, report = load_sources(configured, str(f))
+    assert [p.text for p in prompts] == ["a cat", "a dog"] and report.read == 3
+
+    cfg = load_build_config(Path(__file__).resolve().parents[1] / "configs" / "tiny.yaml")
+    cfg = cfg.model_copy(update={"prompts": [cfg.prompts[0].model_copy(update={"field": "text"})]})
+    assert make_plan(cfg, prompts_path=str(f)).trajectories == 2

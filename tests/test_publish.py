@@ -231,6 +231,37 @@ def test_parse_size() -> None:
             parse_size(bad)
 
 
+def test_format_size_is_the_one_formatter() -> None:
+    """pipeline.humanize.format_size, for plan and publish alike: decimal units, one decimal, thousands separated."""
+    from pipeline.humanize import format_size
+
+    cases = {None: "n/a", 0: "0 B", 999: "999 B", 1000: "1.0 kB", 812.4e9: "812.4 GB", 1.5e12: "1.5 TB",
+             2_345.67e12: "2,345.7 TB", 4.2e6: "4.2 MB"}  # fmt: skip
+    assert {n: format_size(n) for n in cases} == cases
+    assert parse_size(format_size(812.4e9).replace(" ", "")) == 812.4e9
+
+
+def test_one_token_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The upload, the redaction and the dry run's `token:` line read the token from the same places in the same
+    order: the environment variables first, then the login file of `hf auth login`."""
+    from huggingface_hub import constants
+
+    from pipeline.secrets import SECRET_NAMES, find_hf_token, hf_token, hf_token_source, secret_values
+
+    for name in SECRET_NAMES:
+        monkeypatch.delenv(name, raising=False)
+    login = tmp_path / "token"
+    monkeypatch.setattr(constants, "HF_TOKEN_PATH", str(login))
+    assert find_hf_token() == (None, None) and hf_token_source() is None
+    login.write_text(f"{FAKE_TOKEN}\n")
+    assert hf_token() == FAKE_TOKEN and FAKE_TOKEN in secret_values()
+    assert hf_token_source() == f"from the login file {login} (not shown)"
+    monkeypatch.setenv("HUGGING_FACE_HUB_TOKEN", "hf_FAKEfromTheOlderVariable99")
+    assert find_hf_token() == ("hf_FAKEfromTheOlderVariable99", "the HUGGING_FACE_HUB_TOKEN environment variable")
+    monkeypatch.setenv("HF_TOKEN", FAKE_TOKEN + "x")
+    assert hf_token() == FAKE_TOKEN + "x" and hf_token_source() == "from the HF_TOKEN environment variable (not shown)"
+
+
 def test_refuses_above_max_size_unless_yes(built: Path, tmp_path: Path, no_network: None) -> None:
     plan = plan_publish(built, REPO, include_wds=True)
     limit = plan.total_bytes - 1
