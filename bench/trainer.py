@@ -70,6 +70,7 @@ def ray_trainer(
     """The irgl trainer (stage 1) on Ray Train; tokens and step time from the end event of its metrics log."""
     import ray
 
+    from schemas.local import driver_env
     from trainer.config import load_train_config
     from trainer.train import train
 
@@ -95,7 +96,7 @@ def ray_trainer(
         },
     )
     if not ray.is_initialized():
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": _env()})
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, runtime_env={"env_vars": driver_env()})
     t_call = time.time()
     train(cfg, data, stage="1")
     wall = time.time() - t_call
@@ -110,11 +111,6 @@ def ray_trainer(
         "export_s": end["export_s"],
         "wall_s": wall,
     }
-
-
-def _env() -> dict[str, str]:
-    keys = ("HF_HUB_OFFLINE", "IRGL_TINY_DIR", "TOKENIZERS_PARALLELISM")
-    return {k: os.environ[k] for k in keys if k in os.environ}
 
 
 def main() -> None:

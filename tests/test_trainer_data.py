@@ -532,6 +532,20 @@ def test_bad_config_names_the_field_and_exits_2(tmp_path: Path) -> None:
     assert "field 'stage2': " in lines[0] and "field 'ray.num_wokers'" in lines[0]
 
 
+def test_unknown_tiny_model_is_a_config_error_before_anything_loads(tmp_path: Path) -> None:
+    """`model: tiny:<unknown>` fails validation, naming the file and the field, like every other config mistake
+    (not a ValueError from the model builder inside a Ray worker)."""
+    from schemas.config import ConfigError
+    from trainer.config import load_train_config
+
+    base = Path(__file__).resolve().parents[1] / "configs" / "train_tiny.yaml"
+    with pytest.raises(ConfigError) as err:
+        load_train_config(base, {"model": "tiny:llm"})
+    want = "field 'model': Value error, unknown tiny model 'tiny:llm'; known here: tiny:janus"
+    assert str(err.value) == f"{base}: {want}"
+    assert load_train_config(base, {"model": "org/some-janus"}).model == "org/some-janus"
+
+
 # What each shipped preset is documented to be (README "Presets", the configs' own headers): the official IRG SFT
 # recipe for Janus-Pro (AdamW betas (0.9, 0.95), eps 1e-15, no weight decay, clip 1.0, constant lr 2e-5 after 500
 # warm-up steps in stage 1 and none in stage 2, EMA 0.995, stage 2 from stage 1's EMA, ~320K tokens per step as

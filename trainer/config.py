@@ -7,12 +7,26 @@ each stage, the model, packing, checkpointing and how Ray Train runs the workers
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
 
 from schemas.config import load_yaml_model
+from schemas.local import TINY_PREFIX, TINY_TRAINER_KINDS
 from schemas.modes import FULL_MODES, MODES_BY_NAME
+
+
+def _trainer_model_name(name: str) -> str:
+    """A Hub id or a local folder, or `tiny:<kind>` of the trainer's tiny models (schemas.local.TINY_TRAINER_KINDS):
+    an unknown tiny name is a config error here, before anything loads."""
+    if name.startswith(TINY_PREFIX) and name.removeprefix(TINY_PREFIX) not in TINY_TRAINER_KINDS:
+        known = ", ".join(TINY_PREFIX + k for k in TINY_TRAINER_KINDS)
+        raise ValueError(f"unknown tiny model {name!r}; known here: {known}")
+    return name
+
+
+#: The model name of a trainer config.
+TrainerModelName = Annotated[str, AfterValidator(_trainer_model_name)]
 
 
 class _Strict(BaseModel):
@@ -129,7 +143,7 @@ class RayTrainConfig(_Strict):
 class TrainConfig(_Strict):
     """The whole trainer config (configs/train_*.yaml)."""
 
-    model: str = Field(
+    model: TrainerModelName = Field(
         ...,
         description="Model to start from: a Hub id (deepseek-community/Janus-Pro-1B), a local folder or tiny:janus.",
     )

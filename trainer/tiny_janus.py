@@ -9,18 +9,16 @@ through exactly the `from_pretrained` path a production model takes.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
+import json
 from pathlib import Path
 
+from schemas.local import TINY_PREFIX, TINY_TRAINER_KINDS, build_once, tiny_root
 from schemas.modes import SYSTEM_PROMPT, understanding_query_improving, understanding_query_initial
 from schemas.reflection import HEADINGS
 
-PREFIX = "tiny:"
-TINY_JANUS = "tiny:janus"
+TINY_JANUS = TINY_PREFIX + "janus"
+assert TINY_TRAINER_KINDS == ("janus",), "schemas.local.TINY_TRAINER_KINDS names the tiny models built here"
 _DIR_NAME = "tiny-janus"
-_MARKER = "irgl_tiny_done.json"
 #: Bump when anything below changes, so an old build under $IRGL_TINY_DIR is rebuilt rather than reused.
 BUILD_VERSION = 1
 
@@ -182,60 +180,51 @@ def _spread_codebook(model: object) -> None:
         vq.quantize.embedding.weight.copy_(latents[pick])
 
 
-def build_tiny_janus(root: Path | str) -> Path:
-    """Build `tiny:janus` under `root/tiny-janus` once (atomic rename; later calls reuse it); return the folder."""
-    import json
+def _recipe() -> str:
+    """What `schemas.local.build_once` writes into the folder's marker and compares on reuse: the build version and
+    the sizes (a folder built by another recipe is rebuilt)."""
+    return json.dumps({"build_version": BUILD_VERSION, "sizes": TINY_SIZES}, sort_keys=True)
 
+
+def _build(tmp: Path) -> None:
     import torch
     from transformers import JanusForConditionalGeneration, JanusImageProcessor, JanusProcessor
 
-    final = Path(root) / _DIR_NAME
-    marker = final / _MARKER
-    if marker.is_file() and json.loads(marker.read_text()).get("version") == BUILD_VERSION:
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-tiny-janus-", dir=final.parent))
-    try:
-        tokenizer = build_tokenizer()
-        config = tiny_janus_config(tokenizer)
-        torch.manual_seed(0)
-        model = JanusForConditionalGeneration(config)
-        _spread_codebook(model)
-        with torch.no_grad():
-            # Generation embeddings as distinct as the codes they stand for (unit-variance, nn.Embedding's default):
-            # the 0.02-std init leaves the tiny model unable to tell image tokens apart for many steps.
-            emb = model.model.generation_embeddings.weight
-            emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(2)))
-        model.save_pretrained(tmp)
-        size = TINY_SIZES["image_size"]
-        image_processor = JanusImageProcessor(
-            size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
-        )
-        processor = JanusProcessor(
-            image_processor=image_processor,
-            tokenizer=tokenizer,
-            num_image_tokens=config.vision_config.num_image_tokens,
-        )
-        processor.save_pretrained(tmp)
-        (tmp / _MARKER).write_text(json.dumps({"version": BUILD_VERSION, "sizes": TINY_SIZES}, sort_keys=True))
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
-    return final
+    tokenizer = build_tokenizer()
+    config = tiny_janus_config(tokenizer)
+    torch.manual_seed(0)
+    model = JanusForConditionalGeneration(config)
+    _spread_codebook(model)
+    with torch.no_grad():
+        # Generation embeddings as distinct as the codes they stand for (unit-variance, nn.Embedding's default):
+        # the 0.02-std init leaves the tiny model unable to tell image tokens apart for many steps.
+        emb = model.model.generation_embeddings.weight
+        emb.copy_(torch.randn(emb.shape, generator=torch.Generator().manual_seed(2)))
+    model.save_pretrained(tmp)
+    size = TINY_SIZES["image_size"]
+    image_processor = JanusImageProcessor(
+        size={"height": size, "width": size}, image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5]
+    )
+    processor = JanusProcessor(
+        image_processor=image_processor,
+        tokenizer=tokenizer,
+        num_image_tokens=config.vision_config.num_image_tokens,
+    )
+    processor.save_pretrained(tmp)
 
 
-def tiny_root() -> Path:
-    """Where tiny models live: $IRGL_TINY_DIR (the same cache the builder's tiny models use)."""
-    return Path(os.environ.get("IRGL_TINY_DIR", Path.home() / ".cache" / "irgl" / "tiny"))
+def build_tiny_janus(root: Path | str | None = None) -> Path:
+    """Build `tiny:janus` under `root/tiny-janus` once (root: `schemas.local.tiny_root()`); return the folder.
+    `schemas.local.build_once` makes it atomically and reuses a complete build of the same recipe."""
+    return build_once(tiny_root(root) / _DIR_NAME, _recipe(), _build)
 
 
 def resolve_model(name: str) -> str:
-    """A `tiny:` name -> its local folder (built on first use); a Hub id or path is returned unchanged."""
-    if not name.startswith(PREFIX):
+    """A `tiny:` name -> its local folder (built on first use); a Hub id or path is returned unchanged. Configs
+    never get here with an unknown tiny name (trainer/config.py refuses it); a direct call with one raises
+    ValueError."""
+    if not name.startswith(TINY_PREFIX):
         return name
     if name != TINY_JANUS:
         raise ValueError(f"unknown tiny model {name!r} for the trainer; known: {TINY_JANUS}")
-    return str(build_tiny_janus(tiny_root()))
+    return str(build_tiny_janus())

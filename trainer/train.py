@@ -13,18 +13,14 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from schemas.local import driver_env
 from trainer.config import TrainConfig, load_train_config
 from trainer.loop import FINAL_MARKER, read_state
-
-# Environment the workers need (offline Hub, tiny model cache), passed on when the driver starts Ray itself.
-_WORKER_ENV = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_HOME", "IRGL_TINY_DIR",
-               "TOKENIZERS_PARALLELISM")  # fmt: skip
 
 
 class TrainError(RuntimeError):
@@ -122,8 +118,8 @@ def _ensure_ray(cfg: TrainConfig, address: str | None) -> None:
 
     if ray.is_initialized():
         return
-    env = {k: os.environ[k] for k in _WORKER_ENV if k in os.environ}
-    ray.init(address=address or cfg.ray.address, include_dashboard=False, runtime_env={"env_vars": env})
+    # The workers take the driver's offline Hub settings, caches and tiny-model folder (schemas.local.WORKER_ENV).
+    ray.init(address=address or cfg.ray.address, include_dashboard=False, runtime_env={"env_vars": driver_env()})
 
 
 def train(
