@@ -6,8 +6,9 @@ YAML `configs:` with one config per mode (`data/<mode>/*.parquet`, a glob: any n
 models, how to load it with `datasets` and with the official IRG trainer, and how to check it.
 
     info = dataset_info(out, manifest)       # facts, from a manifest dict and OUT (never from OUT/README.md alone)
-    write_card(out, info, include_wds)       # OUT/README.md, loading examples with a local path
-    card_text(info, repo_id)                 # the Hub card: the same text with the repo id
+    write_card(out, info, include_wds)       # OUT/README.md, loading examples with a local path (irgl build)
+    write_card(staged, info, include_wds, repo_id)  # the Hub card: the same text with the repo id (irgl publish)
+    card_text(info, repo_id, include_wds)    # the text itself (publish sizes and hashes it before staging)
 """
 
 from __future__ import annotations
@@ -204,8 +205,9 @@ def card_text(info: dict[str, Any], repo_id: str | None = None, include_wds: boo
     )
 
 
-def write_card(out: Path, info: dict[str, Any], include_wds: bool = False) -> Path:
-    """Write OUT/README.md atomically: `card_text(info, None, include_wds)`. Returns its path."""
+def write_card(out: Path, info: dict[str, Any], include_wds: bool = False, repo_id: str | None = None) -> Path:
+    """Write `out`/README.md atomically: `card_text(info, repo_id, include_wds)` - the card of OUT itself (`irgl
+    build`, repo_id None) or the Hub card in a staged upload (`irgl publish`). Returns its path."""
     path = Path(out) / CARD_NAME
-    write_atomic(path, card_text(info, None, include_wds).encode("utf-8"))
+    write_atomic(path, card_text(info, repo_id, include_wds).encode("utf-8"))
     return path

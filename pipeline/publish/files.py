@@ -83,6 +83,7 @@ class PublishPlan:
     card: str
     manifest: bytes
     info: dict[str, Any] = field(default_factory=dict)
+    include_wds: bool = False
 
     @property
     def total_bytes(self) -> int:
@@ -241,4 +242,6 @@ def plan_publish(out: Path, spec: UploadSpec) -> PublishPlan:
     files.append(PlannedFile(CARD_NAME, len(card), "card", None))
     files.append(PlannedFile(MANIFEST_NAME, len(published), "manifest", None))
     files.sort(key=lambda f: f.path)
-    return PublishPlan(out, repo_id, spec.private, spec.revision, files, card.decode("utf-8"), published, info)
+    return PublishPlan(
+        out, repo_id, spec.private, spec.revision, files, card.decode("utf-8"), published, info, include_wds
+    )

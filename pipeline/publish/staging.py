@@ -7,7 +7,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.card import CARD_NAME, MANIFEST_NAME
+from pipeline.card import MANIFEST_NAME, write_card
 from pipeline.fsio import write_atomic
 from pipeline.publish.errors import PublishError
 from pipeline.publish.files import PublishPlan
@@ -29,6 +29,8 @@ def stage(plan: PublishPlan, dest: Path) -> Path:
             os.link(f.source, target)
         except OSError:  # another file system, or links not allowed
             os.symlink(f.source.resolve(), target)
-    write_atomic(dest / CARD_NAME, plan.card.encode("utf-8"))
+    card = write_card(dest, plan.info, plan.include_wds, plan.repo_id)  # the one card writer, as for OUT
+    if card.read_text(encoding="utf-8") != plan.card:  # the manifest being staged holds the planned card's sha256
+        raise PublishError(f"{card}: the card written differs from the planned one")
     write_atomic(dest / MANIFEST_NAME, plan.manifest)
     return dest
