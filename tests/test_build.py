@@ -4,6 +4,7 @@ from every source kind, and `verify` on the result. Real tiny models throughout 
 
 from __future__ import annotations
 
+import base64
 import json
 import math
 import subprocess
@@ -15,7 +16,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.build import build, make_rows, rows_to_batch
+from pipeline.build import build, make_rows, rows_to_batch, stage_graph
 from pipeline.verify import verify
 from schemas import MODES, parse_reflection, strip_think
 from schemas.config import BuildConfig, PromptSourceConfig, load_build_config
@@ -50,6 +51,8 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 @pytest.mark.parametrize("strategy", ["forward", "hindsight"])
 def test_stages_in_a_plain_loop(strategy, vlm_engine, image_engine, clip_scorer, tiny_vlm_config) -> None:
+    """Every stage object called in order on one batch, with the verifier on: its bar is set between the rows'
+    improvements (I2 over I1), so it must keep some rows and filter the others, each by the rule it states."""
     cfg = tiny_config(strategy=strategy)
     prompts, _ = load_sources([PromptSourceConfig(kind="generator", generator_count=3, generator_seed=5)])
     rows = make_rows(cfg, prompts)
@@ -59,17 +62,28 @@ def test_stages_in_a_plain_loop(strategy, vlm_engine, image_engine, clip_scorer,
         "draw_initial": DrawStage(cfg.draw_initial.model, "initial", strategy, engine=image_engine),
         "reflect": ReflectStage(text, strategy, engine=vlm_engine),
         "draw_refined": DrawStage(cfg.draw_refined.model, "refined", strategy, engine=image_engine),
-        "score": ScoreStage(cfg.score.model, engine=clip_scorer),
-        "assemble": AssembleStage(),
     }
     order = ["think", "draw_initial", "reflect", "draw_refined"]
     if strategy == "hindsight":
         order = ["draw_initial", "draw_refined", "think", "reflect"]
     batch = rows_to_batch(rows)
-    for name in [*order, "score", "assemble"]:
+    for name in order:
         batch = stages[name](batch)
         assert len(batch["id"]) == 3, name
     assert batch["status"] == [OK] * 3, batch["error"]
+
+    # The scores do not depend on the thresholds: read them once with the tiny preset's verifier (which keeps any
+    # finite score), then put min_improvement between the lowest gain and the next one.
+    probe = ScoreStage(cfg.score.model, engine=clip_scorer)({k: list(v) for k, v in batch.items()})
+    gains = [probe["clip_i2"][i] - probe["clip_i1"][i] for i in range(3)]
+    low, mid = sorted(gains)[:2]
+    assert low < mid, gains
+    bar = (low + mid) / 2
+    verifier = cfg.score.model.model_copy(update={"min_improvement": bar})
+    assert verifier.min_clip_i2 == -1.0 and verifier.max_i1_i2_similarity == 1.0  # only the gain can decide
+    batch = ScoreStage(verifier, engine=clip_scorer)(batch)
+    batch = AssembleStage()(batch)
+    assert len(batch["id"]) == 3
     assert batch["id"] == [trajectory_id(p.text, p.source, cfg.seed, cfg.generation_hash()) for p in prompts]
     for i in range(3):
         assert strip_think(batch["t1"][i])
@@ -78,9 +92,17 @@ def test_stages_in_a_plain_loop(strategy, vlm_engine, image_engine, clip_scorer,
         assert _png_size(batch["i1"][i]) == (64, 64) and _png_size(batch["i2"][i]) == (64, 64)
         for key in ("clip_i1", "clip_i2", "clip_i1_i2"):
             assert math.isfinite(batch[key][i]) and -1.0 <= batch[key][i] <= 1.0
-        assert batch["verdict"][i] == "accept"
-        assert set(json.loads(batch["timings"][i])) == {*order, "score", "assemble"}
+            assert batch[key][i] == probe[key][i]
         assert json.loads(batch["models"][i])["think"] == tiny_vlm_config.model
+        gain = batch["clip_i2"][i] - batch["clip_i1"][i]
+        if gain >= bar:
+            assert (batch["status"][i], batch["verdict"][i]) == (OK, "accept"), batch["error"][i]
+            assert set(json.loads(batch["timings"][i])) == {*order, "score", "assemble"}
+        else:
+            assert (batch["status"][i], batch["stage"][i], batch["verdict"][i]) == ("filtered", "score", "reject")
+            assert batch["error"][i] == f"verifier: clip(I2)-clip(I1)={gain:.4f} < min_improvement={bar}"
+            assert set(json.loads(batch["timings"][i])) == {*order, "score"}  # assemble skips filtered rows
+    assert batch["status"].count(OK) == 2 and batch["verdict"].count("reject") == 1
 
 
 def _write_sources(d: Path) -> list[dict]:
@@ -216,3 +238,146 @@ def test_a_tensor_parallel_engine_asks_for_one_gpu_per_worker(tmp_path: Path) ->
         load_build_config(bad)
     assert str(info.value).startswith(f"{bad}: Value error, reflect.resources.num_gpus (2) must equal "
                                       "reflect.model.tensor_parallel_size (4)")  # fmt: skip
+
+
+def graph_stages(cfg: BuildConfig, text, vlm_engine, image_engine, clip_scorer) -> list:
+    """The configured graph's own stage objects (`stage_graph(cfg)`: the config's options reach them as in a real
+    build, e.g. the image format), on the session's engines: no engine start. Text stages take the session engine's
+    settings (`text`), which its structured-output bounds were made for."""
+    stages = []
+    for spec in stage_graph(cfg):
+        stage = spec.make()
+        if spec.name in ("think", "reflect"):
+            stage.cfg, stage.engine = text, vlm_engine
+        elif spec.name.startswith("draw_"):
+            stage.engine = image_engine
+        elif spec.name == "score":
+            stage.engine = clip_scorer
+        stages.append(stage)
+    return stages
+
+
+def test_jpeg_images_through_the_draw_stage(
+    tmp_path: Path, vlm_engine, image_engine, clip_scorer, tiny_vlm_config
+) -> None:
+    """`images: {format: jpeg}`: the draw stages encode I1 and I2 as JPEG, the reflect stage reads the JPEG I1,
+    and the trajectories, the Parquet records and the WebDataset members all hold JPEG; verify passes."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    cfg = tiny_config(prompts={"kind": "generator", "generator_count": 2, "generator_seed": 3},
+                      images={"format": "jpeg", "jpeg_quality": 92})  # fmt: skip
+    out = tmp_path / "out"
+    stages = graph_stages(cfg, tiny_vlm_config, vlm_engine, image_engine, clip_scorer)
+    result = build(cfg, out, executor="local", stages=stages)
+    assert result.stage_counts["assemble"]["ok"] == 2, result.stage_counts
+    assert verify(out) == []
+    for t in pq.read_table(out / "trajectories").to_pylist():
+        for key in ("i1", "i2"):
+            with Image.open(io.BytesIO(t[key])) as img:
+                assert (img.format, img.size, img.mode) == ("JPEG", (64, 64), "RGB"), key
+    rows = pq.read_table(out / "data" / "improving_full_learning").to_pylist()
+    assert len(rows) == 2
+    for row in rows:
+        images = json.loads(row["images"])
+        assert images and all(i["format"] == "jpeg" and i["name"].endswith(".jpg") for i in images), images
+        turns = json.loads(row["conversation"])
+        parts = [p for t in turns if isinstance(t["content"], list) for p in t["content"] if p["type"] == "image"]
+        assert parts
+        for part in parts:
+            with Image.open(io.BytesIO(base64.b64decode(part["content"]))) as img:
+                assert img.format == "JPEG"
+    members = []
+    for tar in (out / "wds" / "improving_full_learning").glob("*.tar"):
+        with tarfile.open(tar) as tf:
+            members += [m.name for m in tf.getmembers()]
+    images = [m for m in members if not m.endswith(".json")]
+    assert images and all(m.endswith((".i1.jpg", ".i2.jpg")) for m in images), members
+
+
+def test_webdataset_off_writes_no_tars_and_verifies(
+    tmp_path: Path, vlm_engine, image_engine, clip_scorer, tiny_vlm_config
+) -> None:
+    """`shards: {webdataset: false}`: no wds/ at all, the manifest lists Parquet only, verify passes. Turned off
+    on an OUT built with it on, the rerun rewrites the shards (no stage runs) and drops every tar."""
+    data = yaml.safe_load(TINY.read_text())
+    data.update(prompts={"kind": "generator", "generator_count": 2, "generator_seed": 6})
+    out = tmp_path / "out"
+
+    def formats(where: Path) -> set[str]:
+        return {f["format"] for f in json.loads((where / "manifest.json").read_text())["files"]}
+
+    off = BuildConfig.model_validate({**data, "shards": {"rows_per_group": 64, "webdataset": False}})
+    stages = graph_stages(off, tiny_vlm_config, vlm_engine, image_engine, clip_scorer)
+    result = build(off, out, executor="local", stages=stages)
+    assert result.trajectories == 2
+    assert not (out / "wds").exists()
+    assert "webdataset" not in formats(out) and "parquet" in formats(out)
+    assert verify(out) == []
+
+    on = BuildConfig.model_validate(data)  # the preset: WebDataset on
+    assert on.shards.webdataset and on.generation_hash() == off.generation_hash()
+    other = tmp_path / "other"
+    build(on, other, executor="local", stages=stages)
+    assert list((other / "wds").rglob("*.tar")) and "webdataset" in formats(other)
+    again = build(off, other, executor="local", stages=stages)
+    assert (again.units_run, again.stage_seconds) == (0, {})  # shards rewritten from the trajectories only
+    assert not list((other / "wds").rglob("*.tar")) and "webdataset" not in formats(other)
+    assert verify(other) == []
+
+
+def _recording_text_stage(base: type) -> type:
+    """`base` (ThinkStage or ReflectStage) that writes, once set up, which engine class it runs on into the folder
+    `record` (`<stage>-<pid>`). Defined in a function: Ray gets the class by value."""
+
+    class Recording(base):
+        def __init__(self, record: str, **kwargs) -> None:  # noqa: ANN003
+            super().__init__(**kwargs)
+            self.record = record
+
+        def setup(self) -> None:
+            import os
+
+            super().setup()
+            Path(self.record, f"{self.name}-{os.getpid()}").write_text(type(self.engine).__name__)
+
+    return Recording
+
+
+def test_transformers_engine_inside_a_build(tmp_path: Path, ray_session) -> None:
+    """`engine: transformers` for T1 and T2 in a build on Ray: the stage actors run the transformers fallback
+    (recorded by each actor once set up), every row ends kept or failed with a reason, and what is kept verifies."""
+    import dataclasses
+
+    data = yaml.safe_load(TINY.read_text())
+    data.update(prompts={"kind": "generator", "generator_count": 2, "generator_seed": 4}, unit_size=2)
+    for stage in ("think", "reflect"):
+        data[stage]["model"]["engine"] = "transformers"
+    cfg = BuildConfig.model_validate(data)
+    record = tmp_path / "record"
+    record.mkdir()
+    classes = {"think": _recording_text_stage(ThinkStage), "reflect": _recording_text_stage(ReflectStage)}
+    graph = [
+        dataclasses.replace(spec, cls=classes[spec.name], kwargs={**spec.kwargs, "record": str(record)})
+        if spec.name in classes else spec
+        for spec in stage_graph(cfg)
+    ]  # fmt: skip
+    out = tmp_path / "out"
+    result = build(cfg, out, executor="ray", graph=graph)
+    engines = {p.name.split("-")[0]: p.read_text() for p in record.iterdir()}
+    assert engines == {"think": "TransformersTextEngine", "reflect": "TransformersTextEngine"}, engines
+    counts = result.stage_counts
+    assert counts["think"]["in"] == 2
+    assert all(c["in"] == c["ok"] + c["filtered"] + c["failed"] for c in counts.values())
+    assert verify(out) == []
+    kept = pq.read_table(out / "trajectories").to_pylist()
+    print(f"transformers build: {counts}")
+    assert kept and len(kept) == counts["assemble"]["ok"] == result.trajectories, counts
+    for t in kept:
+        strip_think(t["t1"])
+        parse_reflection(t["t2"])
+        assert json.loads(t["models"])["reflect"] == "tiny:vlm"
+    rejects = [json.loads(x) for x in (out / "rejects" / "unit-00000.jsonl").read_text().splitlines()]
+    assert len(kept) + len(rejects) == 2 and all(r["reason"] for r in rejects)
