@@ -3,11 +3,13 @@ the commands so that `irgl --help` is instant.
 
 One spelling per concept, in every command:
 - `--config/-c CONFIG` is always the config file (build, plan: default the tiny preset; train: required);
-- `--out/-o DIR` is always the directory a command writes (build, synth, train); a command that writes into a
-  directory holding something else refuses unless `--force` (build: another config's build; synth: any content);
-- `OUT`, positional, is the dataset a command inspects (verify, report, publish);
+- `--out/-o DIR` is always the directory a command writes (build, synth, train, generate, eval); a command that
+  writes into a directory holding something else refuses unless `--force` (build: another config's build; synth:
+  any content; generate: a run with other settings; eval: an earlier eval);
+- `OUT`, positional, is the dataset a command inspects (verify, report, publish; eval's DIR: a dataset or a
+  generate output);
 - options with a fixed set of values are typer choices that `--help` lists (`--executor ray|local`,
-  `--stage 1|2|all`); a bad value exits 2 with the choices named;
+  `--stage 1|2|all`, `--turns 1|2`); a bad value exits 2 with the choices named;
 - `--max-problems N` caps the problems printed (verify, publish: all are counted);
 - `--jobs/-j N` is processes on this machine (verify, publish);
 - exit codes: 0 done, 1 the work found a problem (a dataset that does not verify, `--strict` warnings, a training
@@ -22,7 +24,8 @@ from pathlib import Path
 import typer
 
 from pipeline.cli_common import DEFAULT_CONFIG, Executor, echo_problems, fail
-from pipeline.cli_hub import plan_command, publish_command  # light: their heavy imports are inside
+from pipeline.cli_generate import eval_command, generate_command  # light: their heavy imports are inside
+from pipeline.cli_hub import plan_command, publish_command
 from pipeline.cli_train import train_command
 
 app = typer.Typer(
@@ -194,6 +197,8 @@ def report(
 app.command("plan")(plan_command)
 app.command("publish")(publish_command)
 app.command("train")(train_command)
+app.command("generate")(generate_command)
+app.command("eval")(eval_command)
 
 models_app = typer.Typer(help="Model utilities.", no_args_is_help=True)
 app.add_typer(models_app, name="models")

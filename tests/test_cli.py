@@ -199,11 +199,11 @@ def test_help_lists_the_choices(command: str, listed: str) -> None:
 
 
 def test_one_spelling_per_concept() -> None:
-    """--config/-c is the config of build, plan and train; --out/-o the directory build, synth and train write;
-    verify, report and publish take the dataset they read as OUT; the old spellings are gone."""
+    """--config/-c is the config of build, plan and train; --out/-o the directory build, synth, train, generate and
+    eval write; verify, report and publish take the dataset they read as OUT; the old spellings are gone."""
     for command in ("build", "plan", "train"):
         assert re.search(r"--config -c ", _flat(irgl(command, "--help").output)), command
-    for command in ("build", "synth", "train"):
+    for command in ("build", "synth", "train", "generate", "eval"):
         assert re.search(r"--out -o ", _flat(irgl(command, "--help").output)), command
     for command in ("verify", "report", "publish"):
         assert re.search(r"Usage: irgl \w+ \[OPTIONS\] \{?OUT\b", _flat(irgl(command, "--help").output)), command
