@@ -92,6 +92,12 @@ def test_verify_prints_progress_per_unit(tmp_path: Path) -> None:
         ), line
     assert lines[-1].endswith("ETA 0:00:00")
     assert result.output.rstrip().splitlines()[-1].startswith(f"OK: {out} verifies")
+    # publish verifies first, with the same lines (units recorded clean are re-checked by size and sha256 only).
+    published = irgl("publish", out, "--repo-id", "org/name", "--dry-run", "-j", 1)
+    assert published.exit_code == 0, published.output
+    assert [line.split(" | ")[1] for line in published.output.splitlines() if " verified: " in line] == [
+        "1/3 units", "2/3 units", "3/3 units"
+    ]  # fmt: skip
 
 
 def test_verify_and_publish_cap_printed_problems(tmp_path: Path) -> None:

@@ -421,7 +421,7 @@ def test_presets_leave_room_for_prompts_and_images() -> None:
 
 
 def test_stage_registry_is_what_everything_reads() -> None:
-    from pipeline.build import _model_names, stage_graph
+    from pipeline.graph import model_names, stage_graph
     from pipeline.report import _num_gpus
 
     assert STAGE_NAMES == ("think", "draw_initial", "reflect", "draw_refined", "score", "assemble")
@@ -439,18 +439,18 @@ def test_stage_registry_is_what_everything_reads() -> None:
             section = getattr(cfg, spec.name) if spec.name != "assemble" else None
             assert spec.resources == (section.resources if section else None)
             assert spec.kwargs.get("model") == (section.model if section else None)
-        assert list(_model_names(cfg)) == [s.name for s in model_stages()]
+        assert list(model_names(cfg)) == [s.name for s in model_stages()]
         dump = cfg.model_dump()
         assert [_num_gpus(dump, n) for n in order] == [
             getattr(cfg, n).resources.num_gpus if n != "assemble" else 0.0 for n in order
         ]
-    assert _model_names(load_build_config(FORWARD))["score"] == "ViT-L-14/openai"
+    assert model_names(load_build_config(FORWARD))["score"] == "ViT-L-14/openai"
 
 
 def test_fault_injection_keys_come_from_the_registry(tmp_path: Path) -> None:
     cfg = load_build_config(TINY, {"fault_injection": {n: 0.5 for n in STAGE_NAMES}})
     assert set(cfg.fault_injection) == set(STAGE_NAMES)
-    from pipeline.build import stage_graph
+    from pipeline.graph import stage_graph
 
     assert {s.name: s.kwargs["fault_rate"] for s in stage_graph(cfg)} == {n: 0.5 for n in STAGE_NAMES}
     with pytest.raises(ConfigError) as err:

@@ -67,6 +67,7 @@ def publish(
     and sha256 (in `jobs` processes), not decoded again.
     """
     from pipeline.lock import hold_out
+    from pipeline.logs import UnitProgress
     from pipeline.verify import verify
 
     out = Path(out)
@@ -89,7 +90,8 @@ def publish(
             if not dry_run:
                 raise PublishTooLarge(too_large)
             echo(f"warning: {too_large} (a dry run goes on)")
-        problems = verify(out, decode_images=decode_images, jobs=jobs, reuse=True)
+        progress = UnitProgress(echo, verb="verified")  # a line per unit, as irgl verify prints
+        problems = verify(out, decode_images=decode_images, jobs=jobs, reuse=True, progress=progress)
         if problems:
             raise PublishRefused(out, problems)
         echo(f"{out} verifies: {plan.info['trajectories']:,} trajectories, {len(plan.files)} files to upload")
