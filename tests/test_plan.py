@@ -72,10 +72,11 @@ def _run(*args: str):
 
 @pytest.fixture
 def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any socket connection fails the test: planning reads Hub prompt sources' sizes from the config only."""
+    """Any socket connection fails the test: planning reads Hub prompt sources' sizes from the config only, and a
+    publish dry run contacts nothing (test_publish.py uses this fixture too)."""
 
     def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("network access while planning")
+        raise AssertionError("network access where nothing may be contacted")
 
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket, "create_connection", refuse)

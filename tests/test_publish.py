@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import typer
+from test_plan import no_network  # noqa: F401 (the fixture: any socket connection fails the test)
 from typer.testing import CliRunner
 
 from pipeline.card import card_text, dataset_info
@@ -66,17 +67,6 @@ def _app() -> typer.Typer:
     return app
 
 
-@pytest.fixture
-def no_network(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Any socket connection fails the test: the dry run must contact nothing."""
-
-    def refuse(*args: object, **kwargs: object) -> None:
-        raise AssertionError("network access during a dry run")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
 def _manifest_paths(out: Path, fmt: str) -> set[str]:
     return {f["path"] for f in json.loads((out / "manifest.json").read_text())["files"] if f["format"] == fmt}
 
@@ -103,8 +93,9 @@ def test_file_plan(built: Path) -> None:
         plan_publish(built, "no-slash")
 
 
+@pytest.mark.usefixtures("no_network")
 def test_dry_run_stages_a_loadable_verified_dataset(
-    built: Path, trajectories, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_network: None
+    built: Path, trajectories, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     staged = tmp_path / "stage"
@@ -164,7 +155,8 @@ def test_dry_run_stages_a_loadable_verified_dataset(
     assert set(default["mode"]) == {"improving_full_learning"}
 
 
-def test_token_never_printed_or_written(built: Path, tmp_path: Path, no_network: None) -> None:
+@pytest.mark.usefixtures("no_network")
+def test_token_never_printed_or_written(built: Path, tmp_path: Path) -> None:
     hf_home = tmp_path / "hf_home"
     staged = tmp_path / "stage"
     env = {"HF_TOKEN": FAKE_TOKEN, "HF_HOME": str(hf_home)}
@@ -194,7 +186,8 @@ def test_token_never_printed_or_written(built: Path, tmp_path: Path, no_network:
     assert (built / LOCK_PATH).read_bytes() == b""  # released
 
 
-def test_refuses_a_corrupt_dataset(built: Path, tmp_path: Path, no_network: None) -> None:
+@pytest.mark.usefixtures("no_network")
+def test_refuses_a_corrupt_dataset(built: Path, tmp_path: Path) -> None:
     out = tmp_path / "out"
     shutil.copytree(built, out)
     shard = out / sorted(_manifest_paths(out, "parquet"))[3]
@@ -262,7 +255,8 @@ def test_one_token_lookup(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> No
     assert hf_token() == FAKE_TOKEN + "x" and hf_token_source() == "from the HF_TOKEN environment variable (not shown)"
 
 
-def test_refuses_above_max_size_unless_yes(built: Path, tmp_path: Path, no_network: None) -> None:
+@pytest.mark.usefixtures("no_network")
+def test_refuses_above_max_size_unless_yes(built: Path, tmp_path: Path) -> None:
     plan = plan_publish(built, REPO, include_wds=True)
     limit = plan.total_bytes - 1
     staged = tmp_path / "stage"
@@ -330,7 +324,8 @@ def test_hub_limit_warnings(tmp_path: Path) -> None:
     assert len(private) == 1 and "a free account holds 100.0 GB of private storage" in private[0]
 
 
-def test_publish_holds_out(built: Path, tmp_path: Path, no_network: None) -> None:
+@pytest.mark.usefixtures("no_network")
+def test_publish_holds_out(built: Path, tmp_path: Path) -> None:
     """A publish on an OUT that another process holds (a build, say) fails at once, naming the holder."""
     holder = subprocess.Popen(
         [sys.executable, "-c", "import sys\nfrom pipeline.lock import hold_out\n"
