@@ -14,7 +14,7 @@ One spelling per concept, in every command:
 - `--jobs/-j N` is processes on this machine (verify, publish);
 - exit codes: 0 done, 1 the work found a problem (a dataset that does not verify, `--strict` warnings, a training
   error), 2 bad input found before anything runs (pipeline/cli_common.py: `fail`, the one error helper).
-Long commands print progress: build and verify one line per unit (k/N units, elapsed, ETA).
+Long commands print progress: build, verify and publish one line per unit (k/N units, elapsed, ETA).
 """
 
 from __future__ import annotations
@@ -30,7 +30,8 @@ from pipeline.cli_train import train_command
 
 app = typer.Typer(
     name="irgl",
-    help="Build, check, plan, publish and train on IRGL (Interleaving Reasoning Generation) datasets.",
+    help="Build, check, plan, publish and train on IRGL (Interleaving Reasoning Generation) datasets; generate "
+    "with and evaluate the trained model.",
     no_args_is_help=True,
     add_completion=False,
 )
@@ -72,11 +73,14 @@ def synth(
     seed: int = typer.Option(0, help="Seed of the synthetic generator."),
     size: int = typer.Option(64, min=16, help="Image side in pixels."),
     force: bool = typer.Option(
-        False, "--force", help="Replace the irgl dataset already in OUT (anything else in OUT is never deleted)."
+        False,
+        "--force",
+        help="Replace OUT when it holds an irgl dataset (everything in OUT is deleted first); a non-empty folder "
+        "without one is never touched.",
     ),
 ) -> None:
     """Write a six-mode dataset from synthetic PIL-drawn trajectories (no models): exercises the writers. Refuses
-    a non-empty OUT unless --force (which replaces an irgl dataset there, nothing else)."""
+    a non-empty OUT unless --force, which replaces an irgl dataset (and only a folder holding one)."""
     import shutil
 
     from pipeline.shards import write_dataset
