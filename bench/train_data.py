@@ -67,11 +67,10 @@ def reader_run(index: object, fmt: object, records: int, workers: int, budget: i
     """(start-up s, steady s, records) of PackLoader reading at least `records` records after its first pack."""
     from trainer.dropout import ConditionDropout
     from trainer.loader import PackDataset, PackLoader
+    from trainer.order import DataOrder
 
-    ds = PackDataset(
-        index, fmt, STAGE1, budget, 0, "1", rank=0, world_size=1, grad_accum=1, streams=2,
-        dropout=ConditionDropout(text=0.1, gen_image=0.3),
-    )  # fmt: skip
+    order = DataOrder(STAGE1, budget, seed=0, stage="1", streams=2)
+    ds = PackDataset(index, fmt, order, rank=0, dropout=ConditionDropout(text=0.1, gen_image=0.3))
     t0 = time.perf_counter()
     with PackLoader(ds, workers=workers, prefetch=4) as loader:
         it = iter(loader)
@@ -92,6 +91,7 @@ def data_wait(index: object, model_path: str, steps: int, workers: int, budget: 
     from trainer.index import janus_sequence_format
     from trainer.loader import PackDataset, PackLoader, steps_packs
     from trainer.model import load_adapter
+    from trainer.order import DataOrder
 
     torch.set_num_threads(1)
     torch.manual_seed(0)
@@ -101,10 +101,10 @@ def data_wait(index: object, model_path: str, steps: int, workers: int, budget: 
     model = adapter.module
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.95))
+    order = DataOrder(STAGE1, budget, seed=0, stage="1", streams=2)
     ds = PackDataset(
-        index, fmt, STAGE1, budget, 0, "1", rank=0, world_size=1, grad_accum=1, streams=2,
-        dropout=ConditionDropout(text=0.1, gen_image=0.3), prepare=adapter.batch_tensors,
-    )  # fmt: skip
+        index, fmt, order, rank=0, dropout=ConditionDropout(text=0.1, gen_image=0.3), prepare=adapter.batch_tensors
+    )
     warmup = 5
     wait = total = 0.0
     tokens = 0

@@ -31,7 +31,7 @@ def plain_loop(data: Path, model_path: str, steps: int, budget: int, threads: in
     from trainer.config import load_train_config
     from trainer.index import build_index
     from trainer.model import load_adapter
-    from trainer.order import worker_packs
+    from trainer.order import DataOrder, worker_packs
     from trainer.shards import RecordReader
 
     t_start = time.perf_counter()
@@ -47,7 +47,7 @@ def plain_loop(data: Path, model_path: str, steps: int, budget: int, threads: in
     model = adapter.module
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=1e-3, betas=(0.9, 0.95))
-    packs = worker_packs(index, weights, budget, 0, "1", rank=0, world_size=1, grad_accum=1)
+    packs = worker_packs(index, DataOrder(weights, budget, seed=0, stage="1"), rank=0)
     tokens = 0
     t0 = time.perf_counter()
     for _ in range(steps):

@@ -212,3 +212,66 @@ def test_fsdp_crash_during_export_resumes_the_export_only(tiny_dataset: Path, tm
     ema = JanusForConditionalGeneration.from_pretrained(tmp_path / "stage1" / "final_ema").state_dict()
     key = "model.language_model.layers.0.mlp.up_proj.weight"
     assert raw[key].dtype == ema[key].dtype and not raw[key].equal(ema[key])
+
+
+def test_webdataset_only_dataset_trains_with_grad_accum_cosine_and_ema(
+    ray_session: object, tiny_dataset: Path, tmp_path: Path
+) -> None:
+    """A dataset holding only wds/ trains with `data_format: webdataset`: with grad_accum 2 on 2 workers every step
+    consumes the 2 packs per rank the plan (trainer.order.worker_packs over the WebDataset index) gives it, in order;
+    each logged lr is the cosine schedule's value for that step; the EMA export differs from the raw one."""
+    import math
+    import shutil
+
+    from transformers import JanusForConditionalGeneration
+
+    from trainer.index import build_index, janus_sequence_format
+    from trainer.order import DataOrder, worker_packs
+    from trainer.tiny_janus import resolve_model
+    from trainer.train import TrainError, train
+
+    wds_only = tmp_path / "wds-only"
+    shutil.copytree(tiny_dataset, wds_only, ignore=shutil.ignore_patterns("data"))
+    assert not (wds_only / "data").exists() and list((wds_only / "wds").rglob("*.tar"))
+    steps, accum, warmup, lr = 6, 2, 2, 3e-3
+    facts = {
+        "data_format": "webdataset", "grad_accum": accum, "stage1.steps": steps, "stage1.warmup_steps": warmup,
+        "stage1.schedule": "cosine", "stage1.min_lr_ratio": 0.1, "stage1.lr": lr, "ema.enabled": True,
+        "checkpoint_every": 100, "log_every": 1,
+    }  # fmt: skip
+    with pytest.raises(TrainError, match="no parquet shards"):
+        train(_config(tmp_path / "out-parquet"), wds_only, stage="1")
+    cfg = _config(tmp_path / "out", **facts)
+    result = train(cfg, wds_only, stage="1")["1"]
+    assert result.steps == steps and sum(result.usable.values()) == 4 * len(MODES)
+
+    # Every step: 2 packs per rank, the plan's packs in order, read from the tars.
+    index = build_index(wds_only, list(cfg.stage1.active_modes()), janus_sequence_format(resolve_model(cfg.model)),
+                        cfg.token_budget, "webdataset")  # fmt: skip
+    assert {e.file.endswith(".tar") for es in index.entries.values() for e in es} == {True}
+    weights = {m: w for m, w in cfg.stage1.modes.items() if w > 0}  # in the config's order, as the loop mixes
+    for rank in range(2):
+        lines = (tmp_path / "out" / "stage1" / "records" / f"rank-{rank:02d}.jsonl").read_text().splitlines()
+        logged = [json.loads(x) for x in lines if '"packs"' in x]
+        order = DataOrder(weights, cfg.token_budget, cfg.seed, "1", world_size=2, grad_accum=accum,
+                          streams=cfg.data_streams, shuffle_blocks=cfg.shuffle_blocks)  # fmt: skip
+        plan = worker_packs(index, order, rank)
+        for entry, (step, packs) in zip(logged, plan, strict=False):
+            assert entry["step"] == step + 1 and len(entry["packs"]) == accum
+            assert [p["pack"] for p in entry["packs"]] == [(step * accum + k) * 2 + rank for k in range(accum)]
+            assert [p["ids"] for p in entry["packs"]] == [[e.id for e in pack.entries] for pack in packs]
+        assert [e["step"] for e in logged] == list(range(1, steps + 1))
+
+    # The lr logged with each step is the one that step used: linear warm-up, then cosine to 0.1 x lr.
+    def cosine(s: int) -> float:
+        if s < warmup:
+            return lr * (s + 1) / warmup
+        return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (steps - warmup))))
+
+    metrics = _metrics(tmp_path / "out" / "stage1" / "metrics.jsonl")
+    assert [m["step"] for m in metrics] == list(range(1, steps + 1))
+    assert [m["lr"] for m in metrics] == pytest.approx([cosine(s) for s in range(steps)])
+    raw = JanusForConditionalGeneration.from_pretrained(tmp_path / "out" / "stage1" / "final").state_dict()
+    ema = JanusForConditionalGeneration.from_pretrained(tmp_path / "out" / "stage1" / "final_ema").state_dict()
+    key = "model.language_model.layers.0.self_attn.q_proj.weight"
+    assert not raw[key].equal(ema[key])

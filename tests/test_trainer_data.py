@@ -281,7 +281,7 @@ def test_tokenizer_only_format_matches_the_adapter(fmt: object) -> None:
 
 def test_too_long_records_are_skipped_and_counted(dataset: Path, fmt: object, index: object) -> None:
     from trainer.index import build_index
-    from trainer.order import worker_packs
+    from trainer.order import DataOrder, worker_packs
 
     lengths = {e.id: e.length for es in index.entries.values() for e in es}
     budget = sorted(lengths.values())[len(lengths) // 2]  # about half of the records do not fit
@@ -292,7 +292,7 @@ def test_too_long_records_are_skipped_and_counted(dataset: Path, fmt: object, in
     assert sum(small.skipped.values()) == len(too_long)
     assert sum(small.counts().values()) == len(lengths) - len(too_long)
     weights = {m: 1.0 for m in ALL if small.entries[m]}
-    steps = worker_packs(small, weights, budget, 0, "1", rank=0, world_size=1, grad_accum=1)
+    steps = worker_packs(small, DataOrder(weights, budget, seed=0, stage="1"), rank=0)
     packs = [p for _ in range(50) for p in next(steps)[1]]
     assert all(p.tokens <= budget for p in packs)
     assert not {e.id for p in packs for e in p.entries} & too_long
@@ -300,11 +300,11 @@ def test_too_long_records_are_skipped_and_counted(dataset: Path, fmt: object, in
 
 def _plan(index: object, steps: int, **kwargs: object) -> dict[int, list[tuple[int, tuple[str, ...]]]]:
     """step -> [(global pack, record ids)] of one worker's plan."""
-    from trainer.order import worker_packs
+    from trainer.order import DataOrder, worker_packs
 
-    kw = {"rank": 0, "world_size": 1, "grad_accum": 1, "seed": 0, "stage": "1", **kwargs}
-    weights = kw.pop("weights", STAGE1)
-    it = worker_packs(index, weights, kw.pop("budget", 2048), kw.pop("seed"), kw.pop("stage"), **kw)
+    kw = {"weights": STAGE1, "token_budget": 2048, "seed": 0, "stage": "1", **kwargs}
+    rank, start_step = kw.pop("rank", 0), kw.pop("start_step", 0)
+    it = worker_packs(index, DataOrder(**kw), rank, start_step)
     out = {}
     for _ in range(steps):
         step, packs = next(it)
@@ -352,15 +352,18 @@ def test_every_record_once_per_epoch_across_workers_and_streams(index: object) -
 def _loaded(dataset_index: object, fmt: object, steps: int, workers: int, **kwargs: object) -> list:
     from trainer.dropout import ConditionDropout
     from trainer.loader import PackDataset, PackLoader
+    from trainer.order import DataOrder
 
-    kw = {"rank": 0, "world_size": 1, "grad_accum": 2, "start_step": 0, "streams": 2, "shuffle_blocks": 2}
+    kw = {"world_size": 1, "grad_accum": 2, "streams": 2, "shuffle_blocks": 2}
     kw.update(kwargs)
     dropout = kw.pop("dropout", ConditionDropout(text=0.5, gen_image=0.5, vit_image=0.5))
-    ds = PackDataset(dataset_index, fmt, STAGE1, 2048, 0, "1", dropout=dropout, **kw)
+    rank, start_step = kw.pop("rank", 0), kw.pop("start_step", 0)
+    order = DataOrder(STAGE1, 2048, seed=0, stage="1", **kw)
+    ds = PackDataset(dataset_index, fmt, order, rank=rank, start_step=start_step, dropout=dropout)
     out = []
     with PackLoader(ds, workers=workers, prefetch=2) as loader:
         it = iter(loader)
-        for _ in range(steps * kw["grad_accum"]):
+        for _ in range(steps * order.grad_accum):
             out.append(next(it))
     return out
 
@@ -394,9 +397,10 @@ def test_each_block_is_read_once_per_window_not_once_per_record(index: object, f
     import math
 
     from trainer.loader import PackDataset
+    from trainer.order import DataOrder
 
     mode = "improving_full_learning"
-    ds = PackDataset(index, fmt, {mode: 1.0}, 2048, 0, "1", rank=0, world_size=1, grad_accum=1, streams=1)
+    ds = PackDataset(index, fmt, DataOrder({mode: 1.0}, 2048, seed=0, stage="1", streams=1), rank=0)
     it, n = iter(ds), 0
     while n < 60:
         item = next(it)
@@ -422,8 +426,9 @@ def test_loader_processes_die_with_a_killed_training_process(index: object, fmt:
 import time
 from trainer.loader import PackDataset, PackLoader
 from trainer.index import janus_sequence_format
+from trainer.order import DataOrder
 fmt = janus_sequence_format({resolve_model("tiny:janus")!r})
-ds = PackDataset({str(path)!r}, fmt, {{"initial_full_learning": 1.0}}, 2048, 0, "1", rank=0, world_size=1, grad_accum=1)
+ds = PackDataset({str(path)!r}, fmt, DataOrder({{"initial_full_learning": 1.0}}, 2048, seed=0, stage="1"), rank=0)
 loader = PackLoader(ds, workers=2, prefetch=8)
 it = iter(loader)
 next(it)

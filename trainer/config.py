@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from schemas.config import load_yaml_model
 from schemas.local import TINY_PREFIX, TINY_TRAINER_KINDS
 from schemas.modes import FULL_MODES, MODES_BY_NAME
+from trainer.order import DEFAULT_SHUFFLE_BLOCKS, DEFAULT_STREAMS
 
 
 def _trainer_model_name(name: str) -> str:
@@ -159,7 +160,7 @@ class TrainConfig(_Strict):
     grad_accum: int = Field(1, ge=1, description="Packed sequences per worker accumulated into one optimiser step.")
     # Data loading (trainer/index.py, trainer/order.py, trainer/loader.py)
     data_streams: int = Field(
-        2,
+        DEFAULT_STREAMS,
         ge=1,
         description="Block streams per worker. The data order is a pure function of (seed, stage, step) for a given "
         "world size and number of streams; each stream reads whole row groups (Parquet) or 64-sample blocks "
@@ -174,7 +175,7 @@ class TrainConfig(_Strict):
     )
     prefetch_packs: int = Field(2, ge=1, description="Packed sequences each loader process prepares ahead.")
     shuffle_blocks: int = Field(
-        2,
+        DEFAULT_SHUFFLE_BLOCKS,
         ge=1,
         description="Blocks whose records a stream shuffles together (the shuffle buffer; block order is shuffled "
         "per epoch anyway). Memory per loader process: about modes x shuffle_blocks x one row group's bytes x "

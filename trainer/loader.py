@@ -16,7 +16,7 @@ from typing import Any
 from trainer.batch import PackedBatch, collate
 from trainer.dropout import ConditionDropout, apply_dropout
 from trainer.index import DataIndex, load_index
-from trainer.order import DEFAULT_SHUFFLE_BLOCKS, DEFAULT_STREAMS, Pack, worker_stream_packs
+from trainer.order import DataOrder, Pack, worker_stream_packs
 from trainer.records import SequenceFormat
 from trainer.shards import BlockReader
 
@@ -38,33 +38,23 @@ class PackDataset:
 
     DataLoader worker j of n reads the streams v with v % n == (j + start_pack) % n, so that the DataLoader's
     round-robin over its workers (in order, always starting with worker 0) yields worker packs start_pack,
-    start_pack + 1, ... `streams` must be a multiple of n. `index` may be a DataIndex or the path of a cached index
-    (loaded in the worker process).
+    start_pack + 1, ... (start_pack = start_step x grad_accum); `order.streams` must be a multiple of n. `index`
+    may be a DataIndex or the path of a cached index (loaded in the worker process).
     """
 
     def __init__(
         self,
         index: DataIndex | str | Path,
         fmt: SequenceFormat | Callable[[], SequenceFormat],
-        weights: dict[str, float],
-        token_budget: int,
-        seed: int,
-        stage: str,
+        order: DataOrder,
         *,
         rank: int,
-        world_size: int,
-        grad_accum: int,
         start_step: int = 0,
-        streams: int = DEFAULT_STREAMS,
-        shuffle_blocks: int = DEFAULT_SHUFFLE_BLOCKS,
         dropout: ConditionDropout = ConditionDropout(),
         prepare: Callable[[PackedBatch], Any] | None = None,
     ) -> None:
-        self.index, self.fmt, self.weights = index, fmt, weights
-        self.token_budget, self.seed, self.stage = token_budget, seed, stage
-        self.rank, self.world_size, self.grad_accum = rank, world_size, grad_accum
-        self.start_pack = start_step * grad_accum
-        self.streams, self.shuffle_blocks = streams, shuffle_blocks
+        self.index, self.fmt, self.order, self.rank = index, fmt, order, rank
+        self.start_pack = start_step * order.grad_accum
         self.dropout, self.prepare = dropout, prepare
 
     def __iter__(self) -> Iterator[LoadedPack]:
@@ -72,26 +62,22 @@ class PackDataset:
 
         info = torch.utils.data.get_worker_info()
         j, n = (info.id, info.num_workers) if info is not None else (0, 1)
-        if self.streams % n:
-            raise ValueError(f"streams ({self.streams}) must be a multiple of the loader workers ({n})")
+        if self.order.streams % n:
+            raise ValueError(f"streams ({self.order.streams}) must be a multiple of the loader workers ({n})")
         index = self.index
         if not isinstance(index, DataIndex):
             index = load_index(index)
         fmt = self.fmt if isinstance(self.fmt, SequenceFormat) else self.fmt()
         reader = BlockReader(fmt)
-        plan = worker_stream_packs(
-            index, self.weights, self.token_budget, self.seed, self.stage, rank=self.rank,
-            world_size=self.world_size, start_pack=self.start_pack, streams=self.streams,
-            shuffle_blocks=self.shuffle_blocks, residue=(j + self.start_pack) % n, modulus=n,
-        )  # fmt: skip
+        plan = worker_stream_packs(index, self.order, self.rank, self.start_pack, (j + self.start_pack) % n, n)
         for p, pack in plan:
-            step = p // self.grad_accum
+            step = p // self.order.grad_accum
             records, dropped = [], {}
             for entry, release in zip(pack.entries, pack.releases, strict=True):
                 rec = reader.read(entry)
                 if release:
                     reader.release(entry)
-                rec = apply_dropout(rec, fmt, self.dropout, seed=self.seed, stage=self.stage, step=step)
+                rec = apply_dropout(rec, fmt, self.dropout, seed=self.order.seed, stage=self.order.stage, step=step)
                 if rec.dropped:
                     dropped[rec.id] = rec.dropped
                 records.append(rec)
@@ -111,8 +97,8 @@ class PackLoader:
     def __init__(self, dataset: PackDataset, *, workers: int, prefetch: int = 2) -> None:
         import torch.utils.data
 
-        if workers and dataset.streams % workers:
-            raise ValueError(f"streams ({dataset.streams}) must be a multiple of loader workers ({workers})")
+        if workers and dataset.order.streams % workers:
+            raise ValueError(f"streams ({dataset.order.streams}) must be a multiple of loader workers ({workers})")
         kwargs: dict[str, Any] = {"batch_size": None, "num_workers": workers, "collate_fn": _identity}
         if workers:
             # Forked, so the processes share the index and the prepare function without pickling them; and killed

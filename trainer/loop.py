@@ -110,6 +110,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
     from trainer.loader import PackDataset, PackLoader, steps_packs
     from trainer.model import load_adapter
     from trainer.optim import Ema, compute_dtype, make_optimizer
+    from trainer.order import DataOrder
 
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
@@ -159,16 +160,18 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
         PackDataset(
             cfg["index"],  # the cached index's path: each loader process reads it
             fmt,
-            weights,
-            cfg["token_budget"],
-            cfg["seed"],
-            stage_name,
+            DataOrder(
+                weights,
+                cfg["token_budget"],
+                cfg["seed"],
+                stage_name,
+                world_size=world,
+                grad_accum=cfg["grad_accum"],
+                streams=cfg["data_streams"],
+                shuffle_blocks=cfg["shuffle_blocks"],
+            ),
             rank=rank,
-            world_size=world,
-            grad_accum=cfg["grad_accum"],
             start_step=start_step,
-            streams=cfg["data_streams"],
-            shuffle_blocks=cfg["shuffle_blocks"],
             dropout=ConditionDropout(
                 text=dropout["text"],
                 gen_image=dropout["generation_image"],
@@ -203,6 +206,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
             totals["tokens"] += item.batch.num_tokens
         if cfg["max_grad_norm"]:
             torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
+        lr = scheduler.get_last_lr()[0]  # the learning rate of this step (logged as "lr" with its step)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
@@ -220,7 +224,7 @@ def train_loop_per_worker(cfg: dict[str, Any]) -> None:
                 dist.all_reduce(reduced)
                 dist.all_reduce(counts)
             now = time.perf_counter()
-            metrics = _metrics(reduced, scheduler.get_last_lr()[0], counts.item() / max(now - t0, 1e-9))
+            metrics = _metrics(reduced, lr, counts.item() / max(now - t0, 1e-9))
             log.scalars(done, metrics)
             if rank == 0:
                 eta = (now - run_t0) / (done - start_step) * (stage["steps"] - done)

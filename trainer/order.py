@@ -18,9 +18,24 @@ from trainer.draws import seeded
 from trainer.index import DataIndex
 from trainer.shards import Entry
 
-#: Defaults of the order (trainer/config.py holds the same numbers as its field defaults).
+#: Defaults of the order (trainer/config.py's field defaults are these).
 DEFAULT_STREAMS = 2
 DEFAULT_SHUFFLE_BLOCKS = 2
+
+
+@dataclass(frozen=True)
+class DataOrder:
+    """What fixes a stage's data order, with the index: the mixture, the packing budget, the seed and stage, the
+    number of workers and of packs per step, and each worker's streams and shuffle window."""
+
+    weights: dict[str, float]  # mode -> sampling weight, in the order the modes are mixed (the config's)
+    token_budget: int
+    seed: int
+    stage: str
+    world_size: int = 1
+    grad_accum: int = 1
+    streams: int = DEFAULT_STREAMS  # per worker
+    shuffle_blocks: int = DEFAULT_SHUFFLE_BLOCKS
 
 
 @dataclass(frozen=True)
@@ -78,21 +93,15 @@ def _mode_stream(
 
 
 def stream_packs(
-    index: DataIndex,
-    weights: dict[str, float],
-    token_budget: int,
-    seed: int,
-    stage: str,
-    *,
-    stream: int,
-    streams: int,
-    shuffle_blocks: int = DEFAULT_SHUFFLE_BLOCKS,
+    index: DataIndex, order: DataOrder, stream: int
 ) -> Iterator[tuple[tuple[Entry, ...], tuple[bool, ...]]]:
-    """Endless packs (entries, releases) of global stream `stream`: modes drawn by weight (mode m with
-    probability w_m / sum(w)), each mode's next record from its block stream, greedy packing within the budget.
+    """Endless packs (entries, releases) of global stream `stream` (of world_size x streams): modes drawn by weight
+    (mode m with probability w_m / sum(w)), each mode's next record from its block stream, greedy packing within the
+    budget.
 
     Every entry fits the budget alone (indexing skipped the others), so every pack holds at least one record.
     """
+    weights, seed, stage = order.weights, order.seed, order.stage
     modes = [m for m in weights if weights[m] > 0 and index.entries.get(m)]
     if not modes:
         raise ValueError("no usable records in any mode of this stage")
@@ -103,7 +112,8 @@ def stream_packs(
         acc += weights[m] / total
         cumulative.append(acc)
     draw = seeded(seed, stage, "mix", stream)
-    per_mode = {m: _mode_stream(index.entries[m], seed, stage, m, stream, streams, shuffle_blocks) for m in modes}
+    streams = order.world_size * order.streams
+    per_mode = {m: _mode_stream(index.entries[m], seed, stage, m, stream, streams, order.shuffle_blocks) for m in modes}
     current: list[Entry] = []
     releases: list[bool] = []
     used = 0
@@ -111,7 +121,7 @@ def stream_packs(
         u = draw.random()
         m = next((mode for mode, c in zip(modes, cumulative, strict=True) if u < c), modes[-1])
         entry, release = next(per_mode[m])
-        if current and used + entry.length > token_budget:
+        if current and used + entry.length > order.token_budget:
             yield tuple(current), tuple(releases)
             current, releases, used = [], [], 0
         current.append(entry)
@@ -120,69 +130,37 @@ def stream_packs(
 
 
 def worker_stream_packs(
-    index: DataIndex,
-    weights: dict[str, float],
-    token_budget: int,
-    seed: int,
-    stage: str,
-    *,
-    rank: int,
-    world_size: int,
-    start_pack: int,
-    streams: int,
-    shuffle_blocks: int,
-    residue: int = 0,
-    modulus: int = 1,
+    index: DataIndex, order: DataOrder, rank: int, start_pack: int = 0, residue: int = 0, modulus: int = 1
 ) -> Iterator[tuple[int, Pack]]:
     """(worker pack p, Pack) of worker `rank` for p >= start_pack with p % modulus == residue, in order of p.
 
     Worker pack p = k * streams + v is pack k of the worker's stream v (global stream rank + world_size * v), and
     global pack p * world_size + rank. Packs before start_pack are planned but not read (planning reads nothing).
     """
+    world, streams = order.world_size, order.streams
     mine = [v for v in range(streams) if v % modulus == residue % modulus]
-    gens = {
-        v: stream_packs(
-            index, weights, token_budget, seed, stage,
-            stream=rank + world_size * v, streams=world_size * streams, shuffle_blocks=shuffle_blocks,
-        )
-        for v in mine
-    }  # fmt: skip
+    gens = {v: stream_packs(index, order, rank + world * v) for v in mine}
     k = 0
     while True:
         for v in mine:
             p = k * streams + v
             entries, releases = next(gens[v])
             if p >= start_pack:
-                yield p, Pack(p * world_size + rank, entries, releases)
+                yield p, Pack(p * world + rank, entries, releases)
         k += 1
 
 
 def worker_packs(
-    index: DataIndex,
-    weights: dict[str, float],
-    token_budget: int,
-    seed: int,
-    stage: str,
-    *,
-    rank: int,
-    world_size: int,
-    grad_accum: int,
-    start_step: int = 0,
-    streams: int = DEFAULT_STREAMS,
-    shuffle_blocks: int = DEFAULT_SHUFFLE_BLOCKS,
+    index: DataIndex, order: DataOrder, rank: int, start_step: int = 0
 ) -> Iterator[tuple[int, list[Pack]]]:
     """(step, the grad_accum packs of this worker) from `start_step` on: the data position is the step alone.
 
     Step s of worker r holds global packs (s * grad_accum + k) * world_size + r for k < grad_accum. This is the
     plan `PackLoader` reads, whatever its number of loader processes.
     """
-    packs = worker_stream_packs(
-        index, weights, token_budget, seed, stage, rank=rank, world_size=world_size,
-        start_pack=start_step * grad_accum, streams=streams, shuffle_blocks=shuffle_blocks,
-    )  # fmt: skip
     step, buffer = start_step, []
-    for _, pack in packs:
+    for _, pack in worker_stream_packs(index, order, rank, start_step * order.grad_accum):
         buffer.append(pack)
-        if len(buffer) == grad_accum:
+        if len(buffer) == order.grad_accum:
             yield step, buffer
             step, buffer = step + 1, []
