@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from schemas.config import TextModelConfig
-from schemas.reflection import cap_reason, capped_section
+from schemas.reflection import cap_reason, capped_section, reflection_regex, think_regex
 from schemas.work import FAILED, FILTERED, OK, Batch, json_update, stage_seed
 from stages.engines.errors import EngineDead, is_engine_dead
 
@@ -176,23 +177,43 @@ class ModelStage(Stage):
         return self.cfg.model  # the configured name (Hub id or tiny:...), not a machine-specific path
 
 
+@dataclass(frozen=True)
+class Instruction:
+    """What a text stage asks for under one strategy: the user text is `write(prompt, *texts, max_chars)` with the
+    row's prompt, the row's values of the columns `texts` and the section budget; the images of the columns
+    `images` are shown before it."""
+
+    write: Callable[..., str]
+    texts: tuple[str, ...] = ()
+    images: tuple[str, ...] = ()
+
+
+#: The structured-output regex of each template (`TextStage.template`), given the section budget.
+_REGEXES: dict[str, Callable[[int], str]] = {"think": think_regex, "reflection": reflection_regex}
+
+
 class TextStage(ModelStage):
     """A stage that writes text with an LLM/VLM (T1, T2); `strategy` picks what it looks at.
 
-    A subclass says what it asks for (`instruction`), which template its text follows (`template`, `regex`) and
-    where the checked text goes (`store`); the requests (one per row, the row's stage seed) and the checks every
-    generated text gets (not empty; with structured outputs, no section cut off at the regex's cap) are here."""
+    A subclass says what it asks for per strategy (`instructions`), which template its text follows (`template`:
+    the regex and the cap check) and where the checked text goes (`store`); the requests (one per row, the row's
+    stage seed) and the checks every generated text gets (not empty; with structured outputs, no section cut off at
+    the regex's cap) are here."""
 
     concurrent = True  # every TextEngine has `agenerate`; vLLM batches concurrent calls continuously
 
-    #: The text this stage writes, for messages ("T1", "T2"), and its template (`schemas.reflection.capped_section`).
+    #: The text this stage writes, for messages ("T1", "T2"), its template ("think" or "reflection", see
+    #: `schemas.reflection`) and its request under each strategy.
     text_name: str = "text"
     template: str = "think"
+    instructions: dict[str, Instruction] = {}
 
     def __init__(
         self, model: TextModelConfig, strategy: str = "forward", fault_rate: float = 0.0, engine: Any = None
     ) -> None:
         super().__init__(model, fault_rate, engine)
+        if strategy not in self.instructions:
+            raise ValueError(f"{self.name}: unknown strategy {strategy!r}; known: {', '.join(self.instructions)}")
         self.strategy = strategy
 
     def make_engine(self) -> Any:
@@ -202,11 +223,14 @@ class TextStage(ModelStage):
 
     def instruction(self, batch: Batch, i: int) -> tuple[str, list[bytes]]:
         """The user text and the images (encoded, shown before the text) of row `i`'s request."""
-        raise NotImplementedError
+        spec = self.instructions[self.strategy]
+        texts = (batch[column][i] for column in spec.texts)
+        text = spec.write(batch["prompt"][i], *texts, self.cfg.max_section_chars)
+        return text, [batch[column][i] for column in spec.images]
 
     def regex(self) -> str:
         """The structured-output regex of this stage's template, for the configured section budget."""
-        raise NotImplementedError
+        return _REGEXES[self.template](self.cfg.max_section_chars)
 
     def requests(self, batch: Batch, rows: list[int]) -> list[Any]:
         """One `TextRequest` per row in `rows`: its instruction and images, the regex (with structured outputs) and

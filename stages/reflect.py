@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.reflection import HEADINGS, ReflectionError, parse_reflection, reflection_regex, strip_think
+from schemas.reflection import HEADINGS, ReflectionError, parse_reflection, strip_think
 from schemas.work import Batch
-from stages.base import StageError, TextStage
+from stages.base import Instruction, StageError, TextStage
 
 
 def _budget(max_chars: int) -> str:
@@ -60,15 +60,10 @@ class ReflectStage(TextStage):
     name = "reflect"
     text_name = "T2"
     template = "reflection"
-
-    def instruction(self, batch: Batch, i: int) -> tuple[str, list[bytes]]:
-        prompt, budget = batch["prompt"][i], self.cfg.max_section_chars
-        if self.strategy == "hindsight":
-            return reflect_instruction_hindsight(prompt, budget), [batch["i1"][i], batch["i2"][i]]
-        return reflect_instruction(prompt, batch["t1"][i], budget), [batch["i1"][i]]
-
-    def regex(self) -> str:
-        return reflection_regex(self.cfg.max_section_chars)
+    instructions = {
+        "forward": Instruction(reflect_instruction, texts=("t1",), images=("i1",)),
+        "hindsight": Instruction(reflect_instruction_hindsight, images=("i1", "i2")),
+    }
 
     def store(self, batch: Batch, i: int, result: Any) -> None:
         text = self.generated_text(result)

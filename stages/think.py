@@ -17,9 +17,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from schemas.reflection import ReflectionError, strip_think, think_regex
+from schemas.reflection import ReflectionError, strip_think
 from schemas.work import Batch
-from stages.base import StageError, TextStage
+from stages.base import Instruction, StageError, TextStage
 
 
 def _budget(max_chars: int) -> str:
@@ -52,15 +52,10 @@ class ThinkStage(TextStage):
     name = "think"
     text_name = "T1"
     template = "think"
-
-    def instruction(self, batch: Batch, i: int) -> tuple[str, list[bytes]]:
-        prompt, budget = batch["prompt"][i], self.cfg.max_section_chars
-        if self.strategy == "hindsight":
-            return think_instruction_hindsight(prompt, budget), [batch["i2"][i]]
-        return think_instruction(prompt, budget), []
-
-    def regex(self) -> str:
-        return think_regex(self.cfg.max_section_chars)
+    instructions = {
+        "forward": Instruction(think_instruction),
+        "hindsight": Instruction(think_instruction_hindsight, images=("i2",)),
+    }
 
     def store(self, batch: Batch, i: int, result: Any) -> None:
         text = self.generated_text(result)
