@@ -1,4 +1,4 @@
-"""Measure the CPU costs per image that `irgl plan` uses (pipeline/plan.py: IMAGE_ENCODE_CPU_SECONDS,
+"""Measure the CPU costs per image that `irgl plan` uses (pipeline/plan/figures.py: IMAGE_ENCODE_CPU_SECONDS,
 IMAGE_DECODE_CPU_SECONDS, CLIP_PREPROCESS_CPU_SECONDS) and print them next to the figures in the plan.
 
     python bench/cpu_image_costs.py [--size 1024] [--repeats 9]
@@ -56,7 +56,7 @@ def main() -> None:
     import open_clip
     import torch
 
-    from pipeline import plan
+    from pipeline.plan import figures as plan
     from schemas.local import decode_rgb
     from stages.base import encode_image
 
