@@ -1,8 +1,9 @@
 """`irgl eval DIR`: does reflection help? CLIP prompt alignment of I1 and I2, and GenEval's folder layout.
 
-DIR is an `irgl generate` output (`generations.parquet`) or a built dataset (`trajectories/*.parquet`: grading the
-data itself). Per prompt: CLIP(prompt, I1), CLIP(prompt, I2) with the builder's scorer (`stages.engines.clip`,
-any open_clip model or `tiny:clip`); overall and per tag (the prompt file's "tag", e.g. GenEval's categories): the
+DIR is an `irgl generate` output (`generations.parquet`) or a built dataset (grading the data itself: its
+`trajectories/*.parquet`, or for a downloaded one the mode-6 records `data/improving_full_learning/*.parquet`).
+Per prompt: CLIP(prompt, I1), CLIP(prompt, I2) with the builder's scorer (`stages.engines.clip`, any open_clip
+model or `tiny:clip`); overall and per tag (the prompt file's "tag", e.g. GenEval's categories): the
 mean of both, the mean gain CLIP(I2) - CLIP(I1) and the share of prompts where I2 beats I1. Written to
 `OUT/eval.json` (and `OUT/scores.jsonl`, one line per prompt) and printed as a table.
 
@@ -54,8 +55,27 @@ def load_rows(directory: Path) -> tuple[str, list[dict[str, Any]]]:
                 meta = json.dumps({"prompt": r["prompt"], "tag": ""})
                 rows.append({**r, "index": len(rows), "tag": "", "metadata": meta})
         return "dataset", rows
+    # A published (or synth) dataset has no trajectories/: mode 6 records hold the prompt, I1 and I2.
+    shards = sorted((directory / "data" / "improving_full_learning").glob("*.parquet"))
+    if shards:
+        import base64
+
+        from schemas.conversation import conversation_from_json
+
+        rows = []
+        for shard in shards:
+            for r in pq.read_table(shard, columns=["id", "prompt", "conversation"]).to_pylist():
+                parts = conversation_from_json(r["conversation"])[-1]["content"]
+                images = [p for p in parts if p["type"] == "image"]
+                i1 = next(base64.b64decode(p["content"]) for p in images if p["need_vae"])
+                i2 = next(base64.b64decode(p["content"]) for p in images if p["need_loss"])
+                meta = json.dumps({"prompt": r["prompt"], "tag": ""})
+                rows.append({"id": r["id"], "prompt": r["prompt"], "i1": i1, "i2": i2, "index": len(rows),
+                             "tag": "", "metadata": meta})  # fmt: skip
+        return "dataset", rows
     raise EvalError(
-        f"{directory}: neither an irgl generate output ({RESULTS_NAME}) nor a built dataset (trajectories/)"
+        f"{directory}: neither an irgl generate output ({RESULTS_NAME}) nor a built dataset (trajectories/ or "
+        "data/improving_full_learning/)"
     )
 
 
