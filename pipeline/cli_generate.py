@@ -91,6 +91,12 @@ def eval_command(
     clip: str = typer.Option("ViT-L-14", "--clip", help="open_clip model (the builder's scorer), or tiny:clip."),
     pretrained: str = typer.Option("openai", "--pretrained", help="open_clip pretrained tag (ignored for tiny:)."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    vlm: str | None = typer.Option(
+        None,
+        "--vlm",
+        help="Also ask this VLM (vLLM; a Hub id, folder or tiny:vlm) 'does the image match the "
+        "prompt?' per image, answer constrained to yes/no.",
+    ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing eval in --out."),
 ) -> None:
     """Score I1 and I2 against the prompt with CLIP (share of prompts where I2 beats I1, mean gain, per tag), and
@@ -98,7 +104,9 @@ def eval_command(
     from pipeline.evaluate import EvalError, evaluate, format_table
 
     try:
-        report = evaluate(directory, out, clip=clip, pretrained=pretrained, device=device, force=force, echo=typer.echo)
+        report = evaluate(
+            directory, out, clip=clip, pretrained=pretrained, device=device, vlm=vlm, force=force, echo=typer.echo
+        )
     except EvalError as exc:
         fail(str(exc))
     typer.echo(format_table(report))

@@ -4,7 +4,9 @@ DIR is an `irgl generate` output (`generations.parquet`) or a built dataset (gra
 `trajectories/*.parquet`, or for a downloaded one the mode-6 records `data/improving_full_learning/*.parquet`).
 Per prompt: CLIP(prompt, I1), CLIP(prompt, I2) with the builder's scorer (`stages.engines.clip`, any open_clip
 model or `tiny:clip`); overall and per tag (the prompt file's "tag", e.g. GenEval's categories): the
-mean of both, the mean gain CLIP(I2) - CLIP(I1) and the share of prompts where I2 beats I1. Written to
+mean of both, the mean gain CLIP(I2) - CLIP(I1) and the share of prompts where I2 beats I1; with a VLM
+(`--vlm`, through the builder's text engine: vLLM), the share of images it says match the prompt, its answer
+constrained to "yes" or "no" by a structured output. Written to
 `OUT/eval.json` (and `OUT/scores.jsonl`, one line per prompt) and printed as a table.
 
 GenEval (github.com/djghosh13/geneval) scores images with an object detector in its own environment (mmdet); this
@@ -91,7 +93,33 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["clip_i2"] = sum(r["clip_i2"] for r in with_i2) / len(with_i2)
         out["gain"] = sum(r["clip_i2"] - r["clip_i1"] for r in with_i2) / len(with_i2)
         out["i2_beats_i1"] = sum(r["clip_i2"] > r["clip_i1"] for r in with_i2) / len(with_i2)
+    for key in ("vlm_i1", "vlm_i2"):
+        judged = [r[key] for r in rows if r.get(key) is not None]
+        if judged:
+            out[f"{key}_yes"] = sum(judged) / len(judged)
     return out
+
+
+#: The VLM judge's question per image; its answer is constrained to exactly "yes" or "no".
+JUDGE_QUESTION = 'Does this image match the request "{prompt}" (objects, counts, colours, positions)? Answer yes or no.'
+JUDGE_REGEX = "(yes|no)"
+
+
+def judge(engine: Any, rows: list[dict[str, Any]], key: str) -> list[bool | None]:
+    """The VLM's yes/no per image `key` (vLLM structured output: the answer can only be yes or no; greedy, seed 0).
+    None for a row without that image or whose request failed."""
+    from stages.engines.text import TextRequest
+
+    todo = [k for k, r in enumerate(rows) if r[key]]
+    requests = [
+        TextRequest(prompt=JUDGE_QUESTION.format(prompt=rows[k]["prompt"]), images=[rows[k][key]], regex=JUDGE_REGEX)
+        for k in todo
+    ]
+    answers: list[bool | None] = [None] * len(rows)
+    for k, text in zip(todo, engine.generate(requests) if requests else [], strict=True):
+        word = str(text).strip().lower()
+        answers[k] = True if word.startswith("yes") else False if word.startswith("no") else None
+    return answers
 
 
 def write_geneval(out: Path, rows: list[dict[str, Any]]) -> dict[str, str]:
@@ -138,11 +166,13 @@ def evaluate(
     force: bool = False,
     echo: Callable[[str], None] = print,
     scorer: Any = None,
+    vlm: str | None = None,
+    judge_engine: Any = None,
 ) -> dict[str, Any]:
     """Score DIR (see the module doc); returns what eval.json holds (plus "out")."""
     from pydantic import ValidationError
 
-    from schemas.config import ScoreConfig
+    from schemas.config import ScoreConfig, TextModelConfig
 
     directory = Path(directory)
     if not directory.is_dir():
@@ -178,11 +208,28 @@ def evaluate(
             if has_i2:
                 item.update(clip_i2=score[1], gain=score[1] - score[0], clip_i1_i2=score[2])
         per_row.append(item)
+    if vlm is not None and judge_engine is None:
+        from stages.engines.text import make_text_engine
+        from stages.tiny import resolve_text
+
+        try:
+            text_cfg = resolve_text(TextModelConfig(model=vlm, max_tokens=8, temperature=0.0, max_images=1))
+        except ValidationError as exc:
+            raise EvalError(f"--vlm {vlm}: {exc.errors()[0]['msg']}") from exc
+        judge_engine = make_text_engine(text_cfg)
+        judge_engine.setup()
+    if judge_engine is not None:
+        echo(f"asking the VLM judge {vlm or getattr(judge_engine, 'model_name', '')} (yes/no per image)")
+        for key in ("i1", "i2"):
+            for item, answer in zip(per_row, judge(judge_engine, rows, key), strict=True):
+                if answer is not None:
+                    item[f"vlm_{key}"] = answer
     tags = sorted({r["tag"] for r in per_row if r["tag"]})
     report: dict[str, Any] = {
         "source": str(directory),
         "kind": kind,
         "clip": getattr(scorer, "model_name", clip),
+        "vlm": vlm or (getattr(judge_engine, "model_name", None) if judge_engine is not None else None),
         "turns": 2 if has_i2 else 1,
         "overall": summarize(per_row),
         "per_tag": {tag: summarize([r for r in per_row if r["tag"] == tag]) for tag in tags},
@@ -201,7 +248,9 @@ def evaluate(
 
 def format_table(report: dict[str, Any]) -> str:
     """The console table: one line overall, one per tag."""
+    vlm = "vlm_i1_yes" in report["overall"]
     head = f"{'tag':<16} {'n':>5} {'CLIP I1':>8} {'CLIP I2':>8} {'gain':>8} {'I2 > I1':>8}"
+    head += f" {'VLM I1':>7} {'VLM I2':>7}" if vlm else ""
     lines = [head, "-" * len(head)]
 
     def line(name: str, s: dict[str, Any]) -> str:
@@ -211,7 +260,7 @@ def format_table(report: dict[str, Any]) -> str:
         return (
             f"{name:<16} {s['n']:>5} {f('clip_i1', '.4f'):>8} {f('clip_i2', '.4f'):>8} {f('gain', '+.4f'):>8} "
             f"{f('i2_beats_i1', '.1%'):>8}"
-        )
+        ) + (f" {f('vlm_i1_yes', '.1%'):>7} {f('vlm_i2_yes', '.1%'):>7}" if vlm else "")
 
     lines.append(line("all", report["overall"]))
     lines += [line(tag, s) for tag, s in report["per_tag"].items()]

@@ -97,3 +97,15 @@ def test_eval_command_refusals(generate_dir: Path, tmp_path: Path, tiny_clip: di
     )
     assert result.exit_code == 0, result.output
     assert "I2 > I1" in result.output and json.loads((out / "eval.json").read_text())["overall"]["n"] == 4
+
+
+@pytest.mark.slow
+def test_eval_vlm_judge_answers_yes_or_no(generate_dir: Path, tmp_path: Path, clip_scorer, vlm_engine) -> None:
+    """The optional judge (the session's tiny VLM on vLLM): every image gets a structured yes/no; the shares are
+    those of the answers."""
+    report = evaluate(generate_dir, tmp_path / "ev", scorer=clip_scorer, judge_engine=vlm_engine, echo=lambda _: None)
+    rows = [json.loads(line) for line in (tmp_path / "ev" / "scores.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["vlm_i1"], bool) and isinstance(r["vlm_i2"], bool) for r in rows)
+    assert report["overall"]["vlm_i1_yes"] == sum(r["vlm_i1"] for r in rows) / 4
+    assert report["per_tag"]["counting"]["vlm_i2_yes"] == float(rows[2]["vlm_i2"])
+    assert "VLM I1" in format_table(report)
