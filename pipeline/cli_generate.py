@@ -74,10 +74,15 @@ def generate_command(
             "cfg_image": cfg_image,
         },
     )  # fmt: skip
-    try:
-        result = run_generate(opts, echo=typer.echo)
-    except GenerateError as exc:
-        fail(str(exc))
+    from pipeline.generate import LOGS_DIR
+    from pipeline.logs import build_logging
+
+    # Ray's and Ray Data's INFO lines go to DIR/logs/driver.log; the console keeps the progress lines.
+    with build_logging(out / LOGS_DIR, ray=executor is Executor.ray):
+        try:
+            result = run_generate(opts, echo=typer.echo)
+        except GenerateError as exc:
+            fail(str(exc))
     rate = f"; {result.image_tokens / result.generate_seconds:,.0f} image tokens/s" if result.generate_seconds else ""
     typer.echo(
         f"generated {result.ran} prompts ({result.skipped} already done) in {result.seconds:.1f} s{rate}; "

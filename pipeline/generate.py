@@ -12,6 +12,7 @@ T1, I1, T2 and I2 side by side (the images are also files under `images/`).
       generations.parquet    one row per prompt: GENERATION_SCHEMA
       images/NNNNN-i1.png    I1 and I2 of prompt NNNNN (its 0-based line in the prompt file)
       gallery.html
+      logs/driver.log        Ray's and Ray Data's log lines (the console shows progress only)
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ RESULTS_NAME = "generations.parquet"
 GALLERY_NAME = "gallery.html"
 PARTS_DIR = "parts"
 IMAGES_DIR = "images"
+LOGS_DIR = "logs"
 
 #: One row per prompt. `index` is the prompt's 0-based line (item) in the prompt file, `metadata` the prompt file's
 #: JSON object for the prompt (GenEval's metadata: tag, include, exclude...), `tag` its "tag" field if any. JSON
@@ -196,7 +198,7 @@ def check_out_dir(out: Path, settings: dict[str, Any], force: bool) -> None:
     removes that run's files and nothing else)."""
     if out.exists() and not out.is_dir():
         raise GenerateError(f"--out {out}: not a directory")
-    if not out.is_dir() or not any(out.iterdir()):
+    if not out.is_dir() or not any(p.name != LOGS_DIR for p in out.iterdir()):
         return
     marker = out / SETTINGS_NAME
     if not marker.is_file():
