@@ -11,8 +11,9 @@ STAMP  := $(VENV)/.irgl-installed
 # pip warns once per package about index folders of this machine's pip config that do not exist; hide only those.
 QUIET  := { grep -v "is ignored: it is neither a file nor a directory" || true; }
 DEMO_OUT ?= out/demo
+E2E_OUT  ?= out/e2e
 
-.PHONY: install chromium test demo lint bench clean
+.PHONY: install chromium test demo e2e lint bench clean
 
 install: $(STAMP)
 
@@ -43,6 +44,16 @@ demo: install
 	$(VENV)/bin/irgl verify $(DEMO_OUT)
 	@echo "demo dataset: $(DEMO_OUT)  (card: $(DEMO_OUT)/README.md, rejects: $(DEMO_OUT)/rejects/)"
 
+# build -> train -> generate -> eval on the tiny preset: the README's four commands (~10 min on 2 cores).
+# (CI runs the same loop as tests/test_generate.py's end-to-end test.)
+e2e: install
+	rm -rf $(E2E_OUT)
+	$(VENV)/bin/irgl build --config configs/tiny.yaml --out $(E2E_OUT)/build --limit 8
+	$(VENV)/bin/irgl train --config configs/train_tiny.yaml --data $(E2E_OUT)/build --out $(E2E_OUT)/train
+	$(VENV)/bin/irgl generate --model $(E2E_OUT)/train/stage2/final --prompts tests/data/geneval_metadata.jsonl \
+	  --limit 8 --out $(E2E_OUT)/generate
+	$(VENV)/bin/irgl eval $(E2E_OUT)/generate --clip tiny:clip
+
 lint: install
 	$(VENV)/bin/ruff check schemas stages pipeline trainer tests bench
 	$(VENV)/bin/ruff format --check schemas stages pipeline trainer tests bench
@@ -55,6 +66,7 @@ bench: install
 	$(PY) bench/train_data.py
 	$(PY) bench/score.py
 	$(PY) bench/scale.py
+	$(PY) bench/generate.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
