@@ -9,9 +9,9 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator
+from pydantic import AfterValidator, Field, field_validator
 
-from schemas.config import load_yaml_model
+from schemas.config import StrictModel, load_yaml_model
 from schemas.local import TINY_PREFIX, TINY_TRAINER_KINDS
 from schemas.modes import FULL_MODES, MODES_BY_NAME
 from trainer.order import DEFAULT_SHUFFLE_BLOCKS, DEFAULT_STREAMS
@@ -30,13 +30,7 @@ def _trainer_model_name(name: str) -> str:
 TrainerModelName = Annotated[str, AfterValidator(_trainer_model_name)]
 
 
-class _Strict(BaseModel):
-    """Base of every trainer config model: unknown or mistyped fields fail loudly instead of being ignored."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class StageConfig(_Strict):
+class StageConfig(StrictModel):
     """One IRGL training stage: its mode mixture and its optimiser schedule."""
 
     modes: dict[str, float] = Field(
@@ -69,7 +63,7 @@ class StageConfig(_Strict):
         return {name: self.modes[name] for name in MODES_BY_NAME if self.modes.get(name, 0) > 0}
 
 
-class EmaConfig(_Strict):
+class EmaConfig(StrictModel):
     """Exponential moving average of the weights (exported next to the raw weights as `final_ema/`).
 
     Kept in float32 whatever the compute precision (a bf16 EMA freezes: its steps round to zero); under FSDP it is
@@ -85,7 +79,7 @@ class EmaConfig(_Strict):
     )
 
 
-class ConditionDropoutConfig(_Strict):
+class ConditionDropoutConfig(StrictModel):
     """Condition dropout for classifier-free guidance, drawn per (seed, stage, record id, step), so a resumed run
     drops exactly what the uninterrupted run dropped. Targets are never dropped."""
 
@@ -115,7 +109,7 @@ class ConditionDropoutConfig(_Strict):
     )
 
 
-class RayTrainConfig(_Strict):
+class RayTrainConfig(StrictModel):
     """How Ray Train runs the workers. Resources come from here, never from the driver's hardware."""
 
     address: str | None = Field(None, description="Ray address ('auto' for a cluster); None starts local Ray.")
@@ -141,7 +135,7 @@ class RayTrainConfig(_Strict):
     )
 
 
-class TrainConfig(_Strict):
+class TrainConfig(StrictModel):
     """The whole trainer config (configs/train_*.yaml)."""
 
     model: TrainerModelName = Field(
