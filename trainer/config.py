@@ -59,7 +59,8 @@ class StageConfig(StrictModel):
         return value
 
     def active_modes(self) -> dict[str, float]:
-        """Modes with a positive weight, in the order of the format (mode 1 .. 6), which fixes the sampling."""
+        """Modes with a positive weight, in the order of the format (mode 1 .. 6). (The loop mixes them in the
+        config's order, `trainer.order.DataOrder.weights`.)"""
         return {name: self.modes[name] for name in MODES_BY_NAME if self.modes.get(name, 0) > 0}
 
 
