@@ -8,23 +8,24 @@ from typing import Annotated, Literal, TypeVar
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
-from schemas.local import TINY_BUILDER_KINDS, TINY_PREFIX
+from schemas.local import TINY_BUILDER_KINDS, TINY_PREFIX, TINY_TRAINER_KINDS
 from schemas.stages import STAGES, StageName, model_stages
 
 M = TypeVar("M", bound=BaseModel)
 
 
-def _tiny_name(kinds: tuple[str, ...]) -> AfterValidator:
+def tiny_model_name(kinds: tuple[str, ...]) -> AfterValidator:
     """A model name is a Hub id or path, or `tiny:<kind>` with a kind of `kinds` (the tiny models that can serve
-    this role, all of them schemas.local.TINY_BUILDER_KINDS): an unknown tiny name is a config error here, not a
-    failure inside a stage actor when the model is built."""
-    assert set(kinds) <= set(TINY_BUILDER_KINDS), kinds
+    this role: schemas.local.TINY_BUILDER_KINDS for the builder's stages, TINY_TRAINER_KINDS for the trainer): an
+    unknown tiny name is a config error here, not a failure inside an actor when the model is built."""
+    every = (*TINY_BUILDER_KINDS, *TINY_TRAINER_KINDS)
+    assert set(kinds) <= set(every), kinds
 
     def check(name: str) -> str:
         kind = name.removeprefix(TINY_PREFIX)
         if name.startswith(TINY_PREFIX) and kind not in kinds:
             known = ", ".join(TINY_PREFIX + k for k in kinds)
-            if kind in TINY_BUILDER_KINDS:
+            if kind in every:
                 raise ValueError(f"tiny model {name!r} cannot serve here; use {known}")
             raise ValueError(f"unknown tiny model {name!r}; known here: {known}")
         return name
@@ -33,9 +34,9 @@ def _tiny_name(kinds: tuple[str, ...]) -> AfterValidator:
 
 
 #: The model name of a text stage (tiny: a Qwen2 LM or Qwen2-VL), of an image stage (tiny: SD) and of the scorer.
-TextModelName = Annotated[str, _tiny_name(("llm", "vlm"))]
-ImageModelName = Annotated[str, _tiny_name(("sd",))]
-ScoreModelName = Annotated[str, _tiny_name(("clip",))]
+TextModelName = Annotated[str, tiny_model_name(("llm", "vlm"))]
+ImageModelName = Annotated[str, tiny_model_name(("sd",))]
+ScoreModelName = Annotated[str, tiny_model_name(("clip",))]
 
 
 class StrictModel(BaseModel):

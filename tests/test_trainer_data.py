@@ -544,10 +544,13 @@ def test_unknown_tiny_model_is_a_config_error_before_anything_loads(tmp_path: Pa
     from trainer.config import load_train_config
 
     base = Path(__file__).resolve().parents[1] / "configs" / "train_tiny.yaml"
-    with pytest.raises(ConfigError) as err:
-        load_train_config(base, {"model": "tiny:llm"})
-    want = "field 'model': Value error, unknown tiny model 'tiny:llm'; known here: tiny:janus"
-    assert str(err.value) == f"{base}: {want}"
+    for name, reason in [
+        ("tiny:llama", "unknown tiny model 'tiny:llama'; known here: tiny:janus"),
+        ("tiny:llm", "tiny model 'tiny:llm' cannot serve here; use tiny:janus"),  # a builder's tiny model
+    ]:
+        with pytest.raises(ConfigError) as err:
+            load_train_config(base, {"model": name})
+        assert str(err.value) == f"{base}: field 'model': Value error, {reason}"
     assert load_train_config(base, {"model": "org/some-janus"}).model == "org/some-janus"
 
 

@@ -9,25 +9,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import AfterValidator, Field, field_validator
+from pydantic import Field, field_validator
 
-from schemas.config import StrictModel, load_yaml_model
-from schemas.local import TINY_PREFIX, TINY_TRAINER_KINDS
+from schemas.config import StrictModel, load_yaml_model, tiny_model_name
+from schemas.local import TINY_TRAINER_KINDS
 from schemas.modes import FULL_MODES, MODES_BY_NAME
 from trainer.order import DEFAULT_SHUFFLE_BLOCKS, DEFAULT_STREAMS
 
-
-def _trainer_model_name(name: str) -> str:
-    """A Hub id or a local folder, or `tiny:<kind>` of the trainer's tiny models (schemas.local.TINY_TRAINER_KINDS):
-    an unknown tiny name is a config error here, before anything loads."""
-    if name.startswith(TINY_PREFIX) and name.removeprefix(TINY_PREFIX) not in TINY_TRAINER_KINDS:
-        known = ", ".join(TINY_PREFIX + k for k in TINY_TRAINER_KINDS)
-        raise ValueError(f"unknown tiny model {name!r}; known here: {known}")
-    return name
-
-
 #: The model name of a trainer config.
-TrainerModelName = Annotated[str, AfterValidator(_trainer_model_name)]
+TrainerModelName = Annotated[str, tiny_model_name(TINY_TRAINER_KINDS)]
 
 
 class StageConfig(StrictModel):
