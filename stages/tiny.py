@@ -15,10 +15,6 @@ from pathlib import Path
 from schemas.config import ImageModelConfig, ScoreConfig, TextModelConfig
 from schemas.local import TINY_BUILDER_KINDS, TINY_PREFIX, tiny_root
 
-# Re-exported for callers that import them from here (pipeline/build.py, pipeline/cli.py); defined in schemas.local.
-PREFIX = TINY_PREFIX
-__all__ = ["PREFIX", "build_all", "resolve_image", "resolve_score", "resolve_text", "tiny_path", "tiny_root"]
-
 
 def _builders() -> dict[str, Callable[[Path], Path]]:
     from stages.tiny_image import build_tiny_clip, build_tiny_diffusion
