@@ -13,7 +13,7 @@ The job, in order (`build`):
 
 Where the parts live: the stage graph and work rows in pipeline/graph.py, the executors in pipeline/executors.py,
 a unit's files and marker in pipeline/units.py, spool and unit writers in pipeline/landing.py, `BuildError` in
-pipeline/errors.py. Their public names are importable from here too.
+pipeline/errors.py.
 """
 
 from __future__ import annotations
@@ -31,45 +31,31 @@ from typing import Any
 
 from pipeline.errors import BuildError
 from pipeline.executors import (
-    EXIT_ENGINE_DEAD,
     init_ray,
     run_ray,
     run_sequential,
-    running_ray_address,
-    worker_env,
 )
 from pipeline.fsio import write_atomic
 from pipeline.graph import (
     StageSpec,
-    batch_to_rows,
     make_rows,
     model_names,
     prebuild_tiny_models,
-    rows_to_batch,
     stage_graph,
 )
 from pipeline.landing import Spool, UnitWriters, land_unit, reshard_unit
 from pipeline.secrets import redact_env, redact_obj, secret_values
 from pipeline.shards import config_hash, finish_dataset
-from pipeline.units import STATE_DIR, read_marker, shards_current, unit_name
+from pipeline.units import STATE_DIR, read_marker, shards_current
 from schemas.config import BuildConfig
 from schemas.work import FAILED, FILTERED
 from stages.base import Stage
 from stages.prompts import Prompt, PromptReport, load_sources
 
-__all__ = [
-    "BUILD_STATE", "EXIT_ENGINE_DEAD", "STATE_DIR", "BuildError", "BuildResult", "StageSpec", "batch_to_rows",
-    "build", "check_out_dir", "init_ray", "make_rows", "rows_to_batch", "running_ray_address", "stage_counts",
-    "stage_graph", "unit_name", "worker_env",
-]  # fmt: skip
-
 log = logging.getLogger("irgl.build")
 
 #: The build's generation hash and (redacted) config, under OUT/state/.
 BUILD_STATE = "build.json"
-
-#: Kept for importers of the old name (tests/test_plan.py); pipeline.graph.model_names is the one definition.
-_model_names = model_names
 
 
 @dataclass

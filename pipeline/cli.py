@@ -121,9 +121,10 @@ def build(
     ),
 ) -> None:
     """Generate trajectories (think, draw, reflect, redraw, score) and write the six-mode dataset to OUT."""
-    from pipeline.build import STATE_DIR, BuildError
     from pipeline.build import build as run_build
+    from pipeline.errors import BuildError
     from pipeline.logs import LOG_DIR, UnitProgress, build_logging
+    from pipeline.units import STATE_DIR
     from schemas.config import ConfigError, load_build_config
     from stages.engines.errors import EngineDead
     from stages.prompts import PromptSourceError

@@ -16,7 +16,8 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from pipeline.build import build, make_rows, rows_to_batch, stage_graph
+from pipeline.build import build
+from pipeline.graph import make_rows, rows_to_batch, stage_graph
 from pipeline.verify import verify
 from schemas import MODES, parse_reflection, strip_think
 from schemas.config import BuildConfig, PromptSourceConfig, load_build_config

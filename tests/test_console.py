@@ -128,7 +128,7 @@ def test_unit_progress_lines() -> None:
 
 def test_running_ray_address_follows_rays_lookup(tmp_path: Path, monkeypatch) -> None:
     """No instance recorded: None (start one); `ray start`'s record or $RAY_ADDRESS: that address (join it)."""
-    from pipeline.build import running_ray_address
+    from pipeline.executors import running_ray_address
 
     monkeypatch.delenv("RAY_ADDRESS", raising=False)
     monkeypatch.setenv("RAY_TMPDIR", str(tmp_path))

@@ -61,7 +61,7 @@ class _Echo(Stage):
 
 
 def _batch(n: int) -> dict:
-    from pipeline.build import rows_to_batch
+    from pipeline.graph import rows_to_batch
     from schemas.work import new_row
 
     return rows_to_batch([new_row(id=f"r{i}", prompt="p", source="s", where="w", unit=0, seed=i, strategy="forward")

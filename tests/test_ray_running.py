@@ -164,7 +164,7 @@ def test_address_local_starts_a_private_instance(ray_head: Head, tmp_path: Path)
     """`--address local` (ray.address: local) starts its own Ray with the config's CPUs, even with a head running."""
     script = (
         "import ray, yaml\n"
-        "from pipeline.build import init_ray\n"
+        "from pipeline.executors import init_ray\n"
         "from schemas.config import BuildConfig\n"
         f"data = yaml.safe_load(open({str(TINY)!r}))\n"
         "data['ray']['num_cpus'] = 1\n"

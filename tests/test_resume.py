@@ -264,7 +264,7 @@ def test_killed_stage_actor_is_restarted_and_its_rows_retried(tmp_path: Path, ra
     the new actor, and every id is still written exactly once with nothing failed."""
     import dataclasses
 
-    from pipeline.build import stage_graph
+    from pipeline.graph import stage_graph
 
     data = yaml.safe_load(TINY.read_text())
     data["prompts"] = {"kind": "generator", "generator_count": 6, "generator_seed": 11}
@@ -373,7 +373,7 @@ def test_fault_rate_must_be_a_share(rate: float) -> None:
 def test_force_replaces_a_build_with_another_config(
     tmp_path: Path, vlm_engine, image_engine, clip_scorer, tiny_vlm_config
 ) -> None:
-    from pipeline.build import BuildError
+    from pipeline.errors import BuildError
 
     data = yaml.safe_load(TINY.read_text())
     data["prompts"] = {"kind": "generator", "generator_count": 2, "generator_seed": 1}

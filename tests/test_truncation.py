@@ -19,7 +19,8 @@ import yaml
 from fixtures_text import TEST_SECTION_CHARS, TEST_SMALL_SECTION_CHARS
 from test_build import TINY
 
-from pipeline.build import build, make_rows, rows_to_batch
+from pipeline.build import build
+from pipeline.graph import make_rows, rows_to_batch
 from pipeline.report import collect
 from pipeline.synthetic import draw
 from schemas.config import BuildConfig, PromptSourceConfig, TextModelConfig
