@@ -217,10 +217,13 @@ def models_tiny(
 ) -> None:
     """Build the deterministic tiny models offline: Qwen2 LLM, Qwen2-VL VLM, SD-style pipeline, open_clip (the
     builder's) and Janus (the trainer's)."""
+    from transformers.utils import logging as hf_logging
+
     from schemas.local import tiny_root
     from stages.tiny import build_all
     from trainer.tiny_janus import build_tiny_janus
 
+    hf_logging.disable_progress_bar()  # save_pretrained's per-shard bars would interleave with the folder lines
     for name, path in build_all(directory).items():
         typer.echo(f"{name:12s} {path}")
     typer.echo(f"{'janus':12s} {build_tiny_janus(tiny_root(directory))}")
