@@ -250,34 +250,33 @@ def worker_env(cfg: BuildConfig) -> dict[str, str]:
     return {**cfg.ray.env_vars, **driver_env()}
 
 
-def init_ray(cfg: BuildConfig, address: str | None = None) -> None:
-    """Connect to Ray; reuse a session this process already holds.
+def connect_ray(address: str | None, *, num_cpus: int | None = None, env: dict[str, str] | None = None) -> None:
+    """Connect this process to Ray (every command that runs on Ray: build, generate); reuse a session it holds.
 
-    - `--address` / `ray.address` given: join that cluster ("auto": the one running on this machine).
-    - `--address local`: start a private local instance with `ray.num_cpus`, even if another one runs here.
-    - neither: do what `ray.init()` does - join the instance `ray start` (or $RAY_ADDRESS) points at, so that two
+    - `address` given: join that cluster ("auto": the one running on this machine).
+    - `address` "local": start a private local instance with `num_cpus`, even if another one runs here.
+    - None: do what `ray.init()` does - join the instance `ray start` (or $RAY_ADDRESS) points at, so that two
       Ray instances never both hand out this machine's GPUs; start a private one if there is none.
 
-    Joining, the instance's own resources apply: Ray refuses num_cpus/num_gpus then, so they are not passed.
+    Joining, the instance's own resources apply: Ray refuses num_cpus/num_gpus then, so they are not passed. `env`
+    goes to every worker (`runtime_env`). Raises ConnectionError with what to do when Ray cannot be reached.
     """
     import ray
 
     if ray.is_initialized():
         return
-    env = worker_env(cfg)
-    requested = address or cfg.ray.address
-    found = None if requested else running_ray_address()
+    found = None if address else running_ray_address()
     kwargs: dict[str, Any] = {
         "include_dashboard": False,
         "runtime_env": {"env_vars": env} if env else None,
         "log_to_driver": True,
     }
-    if requested == "local" or (requested is None and found is None):
+    if address == "local" or (address is None and found is None):
         where = "a private local Ray instance"
-        kwargs.update(address="local", num_cpus=cfg.ray.num_cpus)
-    elif requested:
-        where = f"the Ray cluster at {requested}"
-        kwargs.update(address=requested)
+        kwargs.update(address="local", num_cpus=num_cpus)
+    elif address:
+        where = f"the Ray cluster at {address}"
+        kwargs.update(address=address)
     else:
         where = f"the Ray instance running on this machine at {found}"
         # address=None, not `found`: Ray then also picks up that instance's auth token, as `ray.init()` would.
@@ -287,13 +286,22 @@ def init_ray(cfg: BuildConfig, address: str | None = None) -> None:
     except (ConnectionError, RuntimeError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         hint = "; `ray stop` it if it is stale" if found else ""
-        raise BuildError(
+        raise ConnectionError(
             f"cannot connect to {where}: {first}{hint}; or pass --address local to start a private instance"
         ) from exc
     if found:
         log.warning(
-            "joined %s (its resources apply; ray.num_cpus=%s is not used); --address local starts a private one",
-            where, cfg.ray.num_cpus,
+            "joined %s (its resources apply; num_cpus=%s is not used); --address local starts a private one",
+            where, num_cpus,
         )  # fmt: skip
     else:
         log.info("Ray: %s, %s", where, ray.cluster_resources())
+
+
+def init_ray(cfg: BuildConfig, address: str | None = None) -> None:
+    """Connect a build to Ray (`connect_ray`): `--address`, else the config's `ray.address`; `ray.num_cpus` for a
+    private instance; the stage workers' environment (`worker_env`)."""
+    try:
+        connect_ray(address or cfg.ray.address, num_cpus=cfg.ray.num_cpus, env=worker_env(cfg))
+    except ConnectionError as exc:
+        raise BuildError(str(exc)) from exc

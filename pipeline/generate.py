@@ -31,6 +31,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.fsio import fsync_rename, write_atomic
+from pipeline.logs import Progress
+from schemas.local import driver_env
 
 SETTINGS_NAME = "generate.json"
 RESULTS_NAME = "generations.parquet"
@@ -288,24 +290,16 @@ def run_local(runner: Callable[[pa.Table], pa.Table], jobs: pa.Table, batch_size
         yield runner(jobs.slice(start, batch_size))
 
 
-def init_ray(address: str | None) -> None:
-    """Reuse this process's Ray; else `--address` ('local': a private instance; 'auto' or host:port: a cluster),
-    else join the instance running on this machine or start one (as `ray.init()` does)."""
-    import ray
-
-    from schemas.local import driver_env
-
-    if ray.is_initialized():
-        return
-    env = driver_env()
-    ray.init(address=address, include_dashboard=False, runtime_env={"env_vars": env} if env else None)
-
-
 def run_ray(opts: GenerateOptions, model_path: str, jobs: pa.Table) -> Iterator[pa.Table]:
     import ray
     import ray.data
 
-    init_ray(opts.address)
+    from pipeline.executors import connect_ray
+
+    try:
+        connect_ray(opts.address, env=driver_env())
+    except ConnectionError as exc:
+        raise GenerateError(str(exc)) from exc
     gpus = opts.gpus_per_replica
     if gpus is None:
         gpus = 1.0 if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
@@ -313,8 +307,6 @@ def run_ray(opts: GenerateOptions, model_path: str, jobs: pa.Table) -> Iterator[
     ctx = ray.data.DataContext.get_current()
     ctx.enable_progress_bars = False  # our own k/N line
     blocks = [jobs.slice(s, opts.batch_size) for s in range(0, jobs.num_rows, opts.batch_size)]
-    from schemas.local import driver_env
-
     env = driver_env()
     ds = ray.data.from_arrow(blocks).map_batches(
         _GenerateActor,
@@ -328,34 +320,6 @@ def run_ray(opts: GenerateOptions, model_path: str, jobs: pa.Table) -> Iterator[
         runtime_env={"env_vars": env} if env else None,
     )
     yield from ds.iter_batches(batch_format="pyarrow", batch_size=None)
-
-
-class Progress:
-    """`generate k/N prompts | elapsed h:mm:ss | ETA h:mm:ss` after each finished batch (ETA from the pace since
-    the first batch, which also paid for loading the model: `?` until then)."""
-
-    def __init__(self, echo: Callable[[str], None], total: int) -> None:
-        self.echo, self.total, self.done = echo, total, 0
-        self.started = time.monotonic()
-        self.first: tuple[float, int] | None = None
-
-    def __call__(self, n: int) -> None:
-        now = time.monotonic()
-        self.done += n
-        eta = "?"
-        if self.first is not None and self.done > self.first[1]:
-            rate = (self.done - self.first[1]) / (now - self.first[0])
-            eta = _clock((self.total - self.done) / rate) if rate > 0 else "?"
-        elif self.done >= self.total:
-            eta = _clock(0)
-        if self.first is None:
-            self.first = (now, self.done)
-        self.echo(f"generate {self.done}/{self.total} prompts | elapsed {_clock(now - self.started)} | ETA {eta}")
-
-
-def _clock(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
 
 
 def generate(opts: GenerateOptions, echo: Callable[[str], None] = print) -> GenerateResult:
@@ -378,7 +342,7 @@ def generate(opts: GenerateOptions, echo: Callable[[str], None] = print) -> Gene
     done = done_ids(opts.out)
     todo = [p for p in items if p.id not in done]
     echo(f"{len(items)} prompts: {len(items) - len(todo)} already done, {len(todo)} to run ({opts.executor})")
-    progress = Progress(echo, len(todo))
+    progress = Progress(len(todo), noun="prompts")
     image_tokens, gen_seconds = 0, 0.0
     if todo:
         jobs = _job_table(todo, opts.seed)
@@ -391,7 +355,7 @@ def generate(opts: GenerateOptions, echo: Callable[[str], None] = print) -> Gene
             if table.num_rows == 0:
                 continue
             write_part(opts.out, table)
-            progress(table.num_rows)
+            echo(f"generate {progress.advance(table.num_rows)}")
             for tokens in table.column("tokens").to_pylist():
                 t = json.loads(tokens)
                 image_tokens += t.get("i1", 0) + t.get("i2", 0)

@@ -233,55 +233,69 @@ def _set_logger(lg: logging.Logger, handlers: list[logging.Handler], propagate: 
 # Progress
 
 
-def _clock(seconds: float) -> str:
+def clock(seconds: float) -> str:
+    """`h:mm:ss`, the elapsed and ETA format of every progress line."""
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class UnitProgress:
-    """The `progress` callback of long commands: one line per finished unit, `unit N done: ok=.. | k/N units |
-    elapsed h:mm:ss | ETA h:mm:ss` (`verb` says what finished: the build's units are "done", verify's "verified").
+class Progress:
+    """The `k/N <noun> | elapsed h:mm:ss | ETA h:mm:ss` part of every progress line of a long command.
 
-    `build()` and `verify()` call `start(units)` before the work starts, then `self(unit, marker)` as each unit
-    lands (`marker["counts"]`: what the line shows). The ETA uses the pace since the first unit landed (the first
-    one also pays for engine start-up), so it is shown as `?` until two units are done when more than one remains.
+    `advance(n)` counts n more finished items and returns that text. The ETA uses the pace since the first item(s)
+    finished (the first also paid for start-up: engines, models), so it is `?` until something finishes after
+    them, and 0 when nothing is left.
     """
 
-    def __init__(self, echo: Any = print, clock: Any = time.monotonic, verb: str = "done") -> None:
-        self.echo = echo
-        self.verb = verb
+    def __init__(self, total: int = 0, noun: str = "units", clock: Any = time.monotonic) -> None:
+        self.noun = noun
         self.clock = clock
-        self.total = 0
-        self.done = 0
-        self.started = clock()
-        self.first: float | None = None
+        self.start(total)
 
     def start(self, total: int) -> None:
         self.total = total
         self.done = 0
         self.started = self.clock()
-        self.first = None
+        self.first: tuple[float, int] | None = None  # (time, items done) when the first items finished
 
     def eta(self, now: float) -> float | None:
         left = self.total - self.done
         if left <= 0:
             return 0.0
-        if self.first is None or self.done < 2:
+        if self.first is None or self.done <= self.first[1]:
             return None
-        return (now - self.first) / (self.done - 1) * left
+        return (now - self.first[0]) / (self.done - self.first[1]) * left
 
-    def __call__(self, unit: int | str, marker: dict[str, Any]) -> None:
+    def advance(self, n: int = 1) -> str:
         now = self.clock()
-        self.done += 1
+        self.done += n
         if self.first is None:
-            self.first = now
-        counts = ", ".join(f"{k}={v}" for k, v in sorted(marker.get("counts", {}).items()))
+            self.first = (now, self.done)
         eta = self.eta(now)
         total = max(self.total, self.done)
-        self.echo(
-            f"unit {unit!s:>5} {self.verb}: {counts} | {self.done}/{total} units | "
-            f"elapsed {_clock(now - self.started)} | ETA {'?' if eta is None else _clock(eta)}"
+        return (
+            f"{self.done}/{total} {self.noun} | elapsed {clock(now - self.started)} | "
+            f"ETA {'?' if eta is None else clock(eta)}"
         )
+
+
+class UnitProgress(Progress):
+    """The `progress` callback of build, verify and publish: one line per finished unit, `unit N done: ok=.. |
+    k/N units | elapsed h:mm:ss | ETA h:mm:ss` (`verb` says what finished: the build's units are "done", verify's
+    "verified").
+
+    `build()` and `verify()` call `start(units)` before the work starts, then `self(unit, marker)` as each unit
+    lands (`marker["counts"]`: what the line shows).
+    """
+
+    def __init__(self, echo: Any = print, clock: Any = time.monotonic, verb: str = "done") -> None:
+        super().__init__(0, "units", clock)
+        self.echo = echo
+        self.verb = verb
+
+    def __call__(self, unit: int | str, marker: dict[str, Any]) -> None:
+        counts = ", ".join(f"{k}={v}" for k, v in sorted(marker.get("counts", {}).items()))
+        self.echo(f"unit {unit!s:>5} {self.verb}: {counts} | {self.advance()}")
 
 
 if __name__ == "__main__":
