@@ -44,7 +44,7 @@ demo: install
 	$(VENV)/bin/irgl verify $(DEMO_OUT)
 	@echo "demo dataset: $(DEMO_OUT)  (card: $(DEMO_OUT)/README.md, rejects: $(DEMO_OUT)/rejects/)"
 
-# build -> train -> generate -> eval on the tiny preset: the README's four commands (~10 min on 2 cores).
+# build -> train -> generate -> eval on the tiny preset: the README's four commands (about 2 min on 2 cores).
 # (CI runs the same loop as tests/test_generate.py's end-to-end test.)
 e2e: install
 	rm -rf $(E2E_OUT)
