@@ -109,7 +109,10 @@ def read_prompts(path: Path, limit: int | None = None) -> list[PromptItem]:
             for i, line in enumerate(path.read_text(encoding="utf-8").splitlines()):
                 if not line.strip():
                     continue
-                raw.append((i, json.loads(line) if suffix == ".jsonl" else line))
+                try:
+                    raw.append((i, json.loads(line) if suffix == ".jsonl" else line))
+                except json.JSONDecodeError as exc:
+                    raise GenerateError(f"{path}:{i + 1}: not a JSON object ({exc.msg})") from exc
         else:
             raise GenerateError(f"{path}: prompt files are .txt, .jsonl or .json, not '{suffix}'")
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:

@@ -221,6 +221,11 @@ def test_generate_bad_input_exits_2(tmp_path: Path) -> None:
     result = runner.invoke(_cli(), ["generate", "--model", "tiny:janus", "--prompts", str(GENEVAL),
                                     "--out", str(tmp_path / "o"), "--turns", "3"])  # fmt: skip
     assert result.exit_code == 2
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a cat"}\n\n{not json\n', encoding="utf-8")
+    result = runner.invoke(_cli(), ["generate", "--model", "tiny:janus", "--prompts", str(bad),
+                                    "--out", str(tmp_path / "o")])  # fmt: skip
+    assert result.exit_code == 2 and f"error: {bad}:3: not a JSON object" in result.output
 
 
 def test_gallery_renders_in_chromium(generated: Path, tmp_path: Path) -> None:
