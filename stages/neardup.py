@@ -1,0 +1,151 @@
+"""Near-duplicate search over L2-normalised embeddings, and the rule that decides which member of a cluster stays.
+
+Used for prompts (sentence embeddings) and for I2 images (the scorer's CLIP embeddings). Two searches:
+
+- exact: blocked all-pairs. Rows are taken in blocks and compared (one matrix product) with themselves and all
+  later rows; memory is O(block x n), never the n x n matrix. O(n^2) time: fine up to some 10^4 rows.
+- ivf: faiss `IndexIVFFlat` with inner product. The coarse quantizer (k-means, nlist ~ 4 sqrt(n) lists) is trained
+  on a sample drawn with a fixed seed and with faiss' own k-means seed fixed, then every row is range-searched at
+  the threshold in its `nprobe` nearest lists. A pair is kept when either of its rows finds the other, which helps
+  recall (two near rows usually share a list, and if they do not, each probes the other's neighbourhood).
+  Approximate: a pair whose rows fall in lists that neither probes is missed (measured in bench/neardup.py).
+
+Both are deterministic: the same embeddings give the same pairs (fixed seeds for the sample and k-means; faiss'
+multithreading only splits work over queries and centroids, whose results do not depend on the split; pairs are
+sorted at the end). `keep_first` then applies the documented rule: rows are visited in index (source) order and a
+row is dropped when it is a near-duplicate of an EARLIER KEPT row; so in a chain A~B~C with A !~ C, B goes and A and
+C stay.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+#: `search: auto` uses exact below this many rows, ivf from it on.
+AUTO_EXACT_BELOW = 20_000
+#: Floats of the similarity block in the exact search (x4 bytes): 2^25 floats = 128 MiB.
+EXACT_BLOCK_FLOATS = 1 << 25
+#: Seed of the ivf training sample and of faiss' k-means.
+IVF_SEED = 1234
+#: Training points per list for the coarse quantizer (faiss asks for at least 39).
+IVF_TRAIN_PER_LIST = 64
+#: Queries per faiss range_search call (bounds the memory of the result lists).
+IVF_QUERY_CHUNK = 8192
+
+Pair = tuple[int, int, float]
+
+
+def _as_unit_rows(emb: Any) -> Any:
+    import numpy as np
+
+    x = np.ascontiguousarray(emb, dtype=np.float32)
+    if x.ndim != 2:
+        raise ValueError(f"embeddings must be a 2-D array (n, d), got shape {x.shape}")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if np.allclose(norms, 1.0, atol=1e-4):
+        return x
+    return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
+
+
+def exact_pairs(emb: Any, threshold: float, block: int | None = None) -> list[Pair]:
+    """All pairs (i < j) with cosine >= threshold, by blocks of rows against all later rows."""
+    import numpy as np
+
+    x = _as_unit_rows(emb)
+    n = x.shape[0]
+    if block is None:
+        block = max(1, min(4096, EXACT_BLOCK_FLOATS // max(n, 1)))
+    out: list[Pair] = []
+    for s in range(0, n, block):
+        e = min(s + block, n)
+        sims = x[s:e] @ x[s:].T  # (e - s, n - s): row s + a against columns s + b
+        # Only b > a (strictly later rows): mask the lower triangle and the diagonal of the in-block square.
+        sims[np.tril_indices(e - s, k=0, m=n - s)] = -np.inf
+        a, b = np.nonzero(sims >= threshold)
+        for ai, bi, v in zip(a.tolist(), b.tolist(), sims[a, b].tolist(), strict=True):
+            out.append((s + ai, s + bi, float(v)))
+    out.sort()
+    return out
+
+
+def ivf_nlist(n: int) -> int:
+    """Inverted lists for n rows: ~4 sqrt(n), at most n / 8 (k-means needs points per list), at least 1."""
+    return max(1, min(int(round(4 * math.sqrt(n))), n // 8))
+
+
+def ivf_pairs(emb: Any, threshold: float, nprobe: int = 16, nlist: int | None = None) -> list[Pair]:
+    """Pairs (i < j) with cosine >= threshold found by a faiss IVF range search (approximate; deterministic)."""
+    import faiss
+    import numpy as np
+
+    x = _as_unit_rows(emb)
+    n, d = x.shape
+    if n < 2:
+        return []
+    nlist = nlist or ivf_nlist(n)
+    quantizer = faiss.IndexFlatIP(d)
+    index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
+    index.cp.seed = IVF_SEED
+    index.cp.min_points_per_centroid = 1  # small inputs: no warning, the lists are just less balanced
+    train_n = min(n, nlist * IVF_TRAIN_PER_LIST)
+    index.cp.max_points_per_centroid = max(IVF_TRAIN_PER_LIST, train_n // nlist + 1)  # faiss must not resample
+    if train_n < n:
+        rng = np.random.default_rng(IVF_SEED)
+        sample = x[np.sort(rng.choice(n, size=train_n, replace=False))]
+    else:
+        sample = x
+    index.train(sample)
+    index.add(x)
+    index.nprobe = min(nprobe, nlist)
+    # faiss keeps inner products strictly above the radius; search a hair lower and apply ">=" here, as exact does.
+    radius = float(threshold) - 1e-6
+    found: dict[tuple[int, int], float] = {}
+    for s in range(0, n, IVF_QUERY_CHUNK):
+        q = x[s : s + IVF_QUERY_CHUNK]
+        lims, dists, labels = index.range_search(q, radius)
+        counts = np.diff(lims.astype(np.int64))
+        rows = np.repeat(np.arange(s, s + q.shape[0]), counts)
+        keep = (labels != rows) & (dists >= threshold)
+        for r, c, v in zip(rows[keep].tolist(), labels[keep].tolist(), dists[keep].tolist(), strict=True):
+            key = (r, c) if r < c else (c, r)
+            # Both directions may find a pair; keep the larger value so the result does not depend on which.
+            if v > found.get(key, -np.inf):
+                found[key] = float(v)
+    return sorted((i, j, v) for (i, j), v in found.items())
+
+
+def near_duplicate_pairs(emb: Any, threshold: float, search: str = "auto", nprobe: int = 16) -> list[Pair]:
+    """Pairs (i, j, cosine) with i < j and cosine >= threshold, sorted; rows are L2-normalised first if they are
+    not already. search: 'exact' (blocked all-pairs), 'ivf' (faiss, approximate), 'auto' (exact below
+    AUTO_EXACT_BELOW rows, else ivf)."""
+    n = len(emb)
+    if search == "auto":
+        search = "exact" if n < AUTO_EXACT_BELOW else "ivf"
+    if search == "exact":
+        return exact_pairs(emb, threshold)
+    if search == "ivf":
+        return ivf_pairs(emb, threshold, nprobe=nprobe)
+    raise ValueError(f"unknown near-duplicate search '{search}' (auto, exact or ivf)")
+
+
+def keep_first(n: int, pairs: list[Pair]) -> tuple[list[bool], dict[int, tuple[int, float]]]:
+    """The cluster rule: visit rows 0..n-1 in order; a row is dropped when it is a near-duplicate of an earlier
+    KEPT row. Returns the keep flags and, for each dropped row, (the kept row it duplicates, cosine): the most
+    similar earlier kept row, the earliest of equals. O(n + pairs)."""
+    earlier: list[list[tuple[int, float]]] = [[] for _ in range(n)]
+    for i, j, sim in pairs:
+        if not (0 <= i < j < n):
+            raise ValueError(f"pair ({i}, {j}) is not i < j within {n} rows")
+        earlier[j].append((i, sim))
+    keep = [True] * n
+    dup_of: dict[int, tuple[int, float]] = {}
+    for j in range(n):
+        best: tuple[int, float] | None = None
+        for i, sim in earlier[j]:
+            if keep[i] and (best is None or sim > best[1] or (sim == best[1] and i < best[0])):
+                best = (i, sim)
+        if best is not None:
+            keep[j] = False
+            dup_of[j] = best
+    return keep, dup_of
