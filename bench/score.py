@@ -103,7 +103,7 @@ class OldScoreStage(ScoreStage):
         s1 = self.engine.text_image(prompts, i1)
         s2 = self.engine.text_image(prompts, i2)
         s12 = self.engine.image_image(i1, i2)
-        return list(zip(s1, s2, s12, strict=True))
+        return [(*t, None) for t in zip(s1, s2, s12, strict=True)]  # (no I2 embedding: it predates the column)
 
 
 # --- rows --------------------------------------------------------------------------------------------------------

@@ -2,13 +2,16 @@
 
 The job, in order (`build`):
 1. Load and validate the config, read the prompts (bad lines counted with `file:line` reasons) - all before any
-   model loads. Hold OUT (pipeline/lock.py) and refuse one that holds another build (`check_out_dir`).
+   model loads. Hold OUT (pipeline/lock.py) and refuse one that holds another build (`check_out_dir`). Drop unsafe
+   and near-duplicate prompts (pipeline/curation.py; counted with their scores, decisions kept for reruns).
 2. Give each prompt a deterministic id and seed, and a work unit (`unit_size` prompts in source order).
 3. Skip units that a previous run finished (a valid marker under `OUT/state/units/`); retry their failed rows.
 4. Stream the remaining rows through the stages (pipeline/executors.py: Ray Data actor pools, or a plain loop).
 5. As each unit completes, a writer process lands it (pipeline/landing.py): its trajectories, rejects, marker and
    shards (pipeline/units.py), each through temp name + fsync + rename.
-6. Write the card and manifest over all units' shards (pipeline/shards.py; same trajectories, same bytes) and the
+6. Leave the near-duplicate I2s out of the shards (pipeline/curation.py: the units holding one get their shards
+   written again).
+7. Write the card and manifest over all units' shards (pipeline/shards.py; same trajectories, same bytes) and the
    report.
 
 Where the parts live: the stage graph and work rows in pipeline/graph.py, the executors in pipeline/executors.py,
@@ -29,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from pipeline.curation import curate_prompt_list, curation_facts, image_duplicates
 from pipeline.errors import BuildError
 from pipeline.executors import (
     init_ray,
@@ -46,7 +50,7 @@ from pipeline.graph import (
 from pipeline.landing import Spool, UnitWriters, land_unit, reshard_unit
 from pipeline.secrets import redact_env, redact_obj, secret_values
 from pipeline.shards import config_hash, finish_dataset
-from pipeline.units import STATE_DIR, read_marker, shards_current
+from pipeline.units import STATE_DIR, read_marker, shards_current, shards_excluded
 from schemas.config import BuildConfig
 from schemas.work import FAILED, FILTERED
 from stages.base import Stage
@@ -69,6 +73,7 @@ class BuildResult:
     units_skipped: int
     wall_seconds: float
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    curation: dict[str, Any] = field(default_factory=dict)  # pipeline.curation.curation_facts
 
 
 def check_out_dir(out: Path, cfg: BuildConfig, force: bool) -> None:
@@ -182,6 +187,8 @@ def _build(
     dump["ray"]["env_vars"] = redact_env(cfg.ray.env_vars)
     state = {"generation_hash": gen_hash, "config": redact_obj(dump, secrets)}
     write_atomic(out / STATE_DIR / BUILD_STATE, json.dumps(state, indent=1, sort_keys=True).encode())
+    # Prompt safety and near-duplicates: on this machine, before any unit exists (no GPU works on a dropped prompt).
+    prompts = curate_prompt_list(prompts, cfg.curation, report, out)
     write_atomic(out / STATE_DIR / "prompts.json", json.dumps({**report.as_dict(), "problems": report.problems[:1000]},
                                                                indent=1, ensure_ascii=False).encode())  # fmt: skip
     # Rows are made unit by unit; only the ids of each unit stay (the marker check and the files' order need them).
@@ -250,7 +257,7 @@ def _build(
                 "or another `shards:` config); no stage runs for them", len(rewrite),
             )  # fmt: skip
         for unit in rewrite:
-            writers.submit(reshard_unit, unit, str(out), unit, shard_config)
+            writers.submit(reshard_unit, unit, str(out), unit, shard_config, shards_excluded(markers[unit]))
         if todo and executor == "ray":
             init_ray(cfg, address)
         if todo:
@@ -265,11 +272,13 @@ def _build(
             if spool.open_units:
                 raise BuildError(f"the stage stream ended with {spool.open_units} unfinished units: rows were lost")
         landed(wait=True)
+        images = _leave_out_image_duplicates(cfg, out, markers, writers, shard_config)
     finally:
         writers.close()
 
     # The tail: the manifest and the card over every unit (earlier runs included), from the markers.
     counts = stage_counts(markers.values(), [s.name for s in specs])
+    curation = curation_facts(cfg, report, counts, images)
     result = finish_dataset(
         out,
         [markers[u]["shards"] for u in sorted(markers)],
@@ -284,6 +293,7 @@ def _build(
         extra={
             "prompts": report.as_dict(),
             "stages": [{"stage": name, **c} for name, c in counts.items()],  # a list: keeps the graph's order
+            "curation": curation,
             "units": len(markers),
         },
     )
@@ -300,4 +310,30 @@ def _build(
         units_skipped=skipped,
         wall_seconds=time.perf_counter() - started,
         stage_seconds=dict(stage_seconds),
+        curation=curation,
     )
+
+
+def _leave_out_image_duplicates(
+    cfg: BuildConfig, out: Path, markers: dict[int, dict[str, Any]], writers: UnitWriters, shard_config: dict[str, Any]
+) -> dict[str, Any] | None:
+    """The near-duplicate pass over I2 (pipeline/curation.py), after every unit has landed: the units whose shards
+    hold a trajectory to leave out, or leave out one that is no longer a duplicate, get them written again (in the
+    writer processes); the others are not touched. Returns the pass's record (None when it is off)."""
+    images = None
+    removed: dict[str, Any] = {}
+    if cfg.curation.image_dedup.enabled and markers:
+        images = image_duplicates(out, sorted(markers), cfg.curation.image_dedup)
+        removed = images["removed"]
+        log.info("I2 near-duplicates: %d of %d trajectories leave the shards", len(removed), images["checked"])
+    stale = 0
+    for unit in sorted(markers):
+        exclude = [i for i in markers[unit]["ids"] if i in removed]
+        if shards_excluded(markers[unit]) != sorted(exclude):
+            writers.submit(reshard_unit, unit, str(out), unit, shard_config, exclude)
+            stale += 1
+    for unit, result in writers.done(wait=True):
+        markers[unit] = result["marker"]
+    if stale:
+        log.info("%d units got their shards written again without their I2 near-duplicates", stale)
+    return images

@@ -77,6 +77,7 @@ def dataset_info(out: Path, manifest: dict[str, Any]) -> dict[str, Any]:
     Parquet record the manifest lists). Does not need OUT/README.md, nor the card among the manifest's files."""
     out = Path(out)
     info: dict[str, Any] = {
+        "curation": (manifest.get("build") or {}).get("curation") or {},
         "counts": dict(manifest["counts"]),
         "trajectories": manifest["trajectories"],
         "shards": manifest.get("shards") or {},
@@ -113,6 +114,44 @@ def _size_category(n: int) -> str:
         if n < bound:
             return label
     return "1M<n<10M" if n < 10_000_000 else "10M<n<100M"
+
+
+#: How the card names each curation filter (pipeline.curation.curation_facts), and what it checks.
+CURATION_FILTERS: dict[str, str] = {
+    "prompt_safety": "prompt safety (before generation)",
+    "prompt_dedup": "near-duplicate prompts (cosine of sentence embeddings)",
+    "image_safety": "image safety (I1 and I2)",
+    "judge": "VLM judge (do I1/I2 satisfy the prompt, which is better)",
+    "image_dedup": "near-duplicate I2 images (cosine of CLIP embeddings)",
+}
+
+
+def curation_section(facts: dict[str, Any]) -> str:
+    """The card's "Curation" section: every filter with its model, license, threshold (or rule) and counts; empty
+    for a dataset built before curation was recorded."""
+    if not facts:
+        return ""
+    rows = []
+    for name, label in CURATION_FILTERS.items():
+        f = facts.get(name)
+        if not f:
+            continue
+        if not f.get("enabled"):
+            rows.append(f"| {label} | off | | | | |")
+            continue
+        setting = f"rule `{f['rule']}`" if f.get("rule") else f"{f.get('threshold')}"
+        checked = f"{f['checked']:,}" if "checked" in f else ""
+        rows.append(
+            f"| {label} | `{f.get('model') or ''}` | {f.get('license') or ''} | {setting} | {checked} | "
+            f"{f.get('removed', 0):,} |"
+        )
+    return (
+        "\n\n## Curation\n\n"
+        "Besides the CLIP verdict (I2 must match the prompt and improve on I1), these filters decided which "
+        "trajectories are in this dataset. Prompts are filtered before any generation; a near-duplicate keeps the "
+        "first of its cluster in source order.\n\n"
+        "| filter | model | license | threshold | checked | removed |\n|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
 
 
 def card_text(info: dict[str, Any], repo_id: str | None = None, include_wds: bool = False) -> str:
@@ -187,6 +226,7 @@ def card_text(info: dict[str, Any], repo_id: str | None = None, include_wds: boo
         + rows
         + "\n\n## Models\n\n"
         + models
+        + curation_section(info.get("curation") or {})
         + "\n\n## Load with `datasets`\n\n"
         + "```python\nimport json\nfrom datasets import load_dataset\n\n"
         + f'ds = load_dataset("{where}", "initial_full_learning", split="train")\n'

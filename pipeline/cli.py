@@ -155,6 +155,22 @@ def build(
     typer.echo(f"dataset written to {out} (verify with: irgl verify {out}); report: {out / 'report.html'}")
 
 
+def curation_table(facts: dict):  # noqa: ANN201 (a rich Table, imported lazily)
+    """The build summary's curation table: one row per filter (pipeline.curation.curation_facts)."""
+    from rich.table import Table
+
+    table = Table(title="curation")
+    for col in ("filter", "model", "threshold", "checked", "removed"):
+        table.add_column(col, justify="right" if col in ("threshold", "checked", "removed") else "left")
+    for name, f in facts.items():
+        if not f.get("enabled"):
+            table.add_row(name, "(off)", "", "", "")
+            continue
+        rule = f.get("threshold", f.get("rule"))
+        table.add_row(name, str(f.get("model") or ""), str(rule), str(f.get("checked", "")), str(f["removed"]))
+    return table
+
+
 def _print_summary(result) -> None:  # noqa: ANN001 (BuildResult, imported lazily)
     from rich.console import Console
     from rich.table import Table
@@ -174,6 +190,8 @@ def _print_summary(result) -> None:  # noqa: ANN001 (BuildResult, imported lazil
         console.print("prompts dropped: " + ", ".join(f"{k}={v}" for k, v in sorted(p.dropped.items())))
         for line in p.problems[:10]:
             console.print(f"  {line}")
+    if result.curation:
+        console.print(curation_table(result.curation))
     modes = Table(title="records per mode")
     modes.add_column("mode")
     modes.add_column("records", justify="right")

@@ -16,14 +16,16 @@ from typing import Any
 
 from schemas.config import BuildConfig
 from schemas.modes import ModeOptions
-from schemas.stages import STAGE_NAMES, model_id, model_label, model_stages, stage_config, stage_order
+from schemas.stages import STAGE_NAMES, active_stages, model_id, model_label, model_stages, stage_config
 from schemas.trajectory import trajectory_id
 from schemas.work import WORK_COLUMNS, Batch, new_row
 from stages.assemble import AssembleStage
 from stages.base import Stage
 from stages.draw import DrawStage
+from stages.judge import JudgeStage
 from stages.prompts import Prompt
 from stages.reflect import ReflectStage
+from stages.safety import SafetyStage
 from stages.score import ScoreStage
 from stages.think import ThinkStage
 
@@ -52,18 +54,21 @@ def _stage_classes(cfg: BuildConfig) -> dict[str, tuple[type[Stage], dict[str, A
         "draw_initial": (DrawStage, {"role": "initial", "strategy": s, "encoding": cfg.images}),
         "reflect": (ReflectStage, {"strategy": s}),
         "draw_refined": (DrawStage, {"role": "refined", "strategy": s, "encoding": cfg.images}),
+        "safety": (SafetyStage, {}),
         "score": (ScoreStage, {}),
+        "judge": (JudgeStage, {"strategy": s}),
         "assemble": (AssembleStage, {"options": ModeOptions(cfg.shards.t1_loss_improving)}),
     }
 
 
 def stage_graph(cfg: BuildConfig) -> list[StageSpec]:
-    """The stages in execution order for the configured strategy (with the config's fault injection, if any)."""
+    """The stages this build runs, in execution order for the configured strategy (optional stages - safety,
+    judge - only when configured and enabled), with the config's fault injection, if any."""
     classes = _stage_classes(cfg)
     if set(classes) != set(STAGE_NAMES):  # a stage added to the registry but not here, or the reverse
         raise RuntimeError(f"pipeline/graph.py maps stages {sorted(classes)} but the registry has {STAGE_NAMES}")
     specs = []
-    for info in stage_order(cfg.strategy):
+    for info in active_stages(cfg):
         cls, kwargs = classes[info.name]
         kwargs = {"fault_rate": cfg.fault_injection.get(info.name, 0.0), **kwargs}
         section = stage_config(cfg, info.name)
@@ -117,12 +122,12 @@ def prebuild_tiny_models(cfg: BuildConfig) -> None:
     from schemas.local import TINY_PREFIX
     from stages.tiny import tiny_path
 
-    names = {model_id(cfg, s.name) for s in model_stages()}
+    names = {model_id(cfg, s.name) for s in model_stages() if stage_config(cfg, s.name) is not None}
     for name in sorted(n for n in names if n and n.startswith(TINY_PREFIX)):
         tiny_path(name)
 
 
 def model_names(cfg: BuildConfig) -> dict[str, str]:
     """Model names for the card: Hub ids as given; local paths reduced to their last component."""
-    names = {s.name: model_label(cfg, s.name) or "" for s in model_stages()}
+    names = {s.name: model_label(cfg, s.name) or "" for s in active_stages(cfg) if s.has_model}
     return {k: (Path(v).name if v.startswith("/") else v) for k, v in names.items()}

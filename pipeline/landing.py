@@ -113,11 +113,12 @@ def land_unit(
     return {"marker": write_shards(root, unit, marker, shard_config), "stage_seconds": dict(seconds)}
 
 
-def reshard_unit(out: str, unit: int, shard_config: dict[str, Any]) -> dict[str, Any]:
-    """A finished unit's shards written again from its trajectories (missing, changed, another shard config)."""
+def reshard_unit(out: str, unit: int, shard_config: dict[str, Any], exclude: list[str] | None = None) -> dict[str, Any]:
+    """A finished unit's shards written again from its trajectories (missing, changed, another shard config, other
+    I2 near-duplicates to leave out: `exclude`)."""
     root = Path(out)
     marker = json.loads((root / STATE_DIR / "units" / f"{unit_name(unit)}.json").read_text())
-    return {"marker": write_shards(root, unit, marker, shard_config), "stage_seconds": {}}
+    return {"marker": write_shards(root, unit, marker, shard_config, exclude), "stage_seconds": {}}
 
 
 class UnitWriters:

@@ -1,8 +1,9 @@
 """`irgl report OUT`: a self-contained HTML page (`OUT/report.html`, images embedded) about one build.
 
-What it shows: the funnel (prompts -> each stage -> accepted), records per mode, histograms of the CLIP scores of
-I1, I2 and their difference, sample trajectories side by side (prompt, T1, I1, T2 with its sections, I2), per-stage
-throughput and time, and the cost per kept trajectory in stage-seconds (GPU-seconds where stages hold GPUs).
+What it shows: the funnel (prompts -> each stage -> accepted -> in the dataset), the curation filters, records per
+mode, histograms of the CLIP scores of I1, I2 and their difference, sample trajectories side by side (prompt, T1,
+I1, T2 with its sections, I2), per-stage throughput and time, and the cost per kept trajectory in stage-seconds
+(GPU-seconds where stages hold GPUs).
 Everything is read back from OUT (manifest, trajectories, rejects, state); nothing is recomputed from models.
 """
 
@@ -127,6 +128,8 @@ def collect(out: Path, samples: int = 8) -> dict[str, Any]:
         "strategy": state["config"].get("strategy"),
         "prompts": build.get("prompts", {}),
         "stages": {s["stage"]: s for s in build.get("stages", [])},
+        "curation": build.get("curation") or {},
+        "in_dataset": manifest["trajectories"],
         "modes": manifest["counts"],
         "kept": kept,
         "clip_i1": clip1,
@@ -143,6 +146,7 @@ def render(data: dict[str, Any]) -> str:
     kept = data["kept"]
     funnel = [("prompts read", p.get("read", 0)), ("prompts kept", p.get("kept", 0))]
     funnel += [(f"{name} ok", c["ok"]) for name, c in stages.items()]
+    funnel.append(("in the dataset (after the I2 near-duplicates)", data.get("in_dataset", kept)))
     top = max([n for _, n in funnel] + [1])
     funnel_rows = "".join(
         f'<tr><td>{_e(label)}</td><td>{n}</td><td style="text-align:left"><span class="bar" '
@@ -156,6 +160,12 @@ def render(data: dict[str, Any]) -> str:
         for name, c in stages.items()
     )
     dropped = ", ".join(f"{_e(k)}={v}" for k, v in sorted((p.get("dropped") or {}).items())) or "none"
+    curation_rows = "".join(
+        f"<tr><td>{_e(name)}</td><td>{_e(f.get('model') or '') if f.get('enabled') else 'off'}</td>"
+        f"<td>{_e(f.get('rule') or f.get('threshold', ''))}</td><td>{f.get('checked', '')}</td>"
+        f"<td>{f.get('removed', 0)}</td></tr>"
+        for name, f in data.get("curation", {}).items()
+    )
     mode_rows = "".join(f"<tr><td>{_e(m)}</td><td>{n}</td></tr>" for m, n in data["modes"].items())
     secs = data["stage_seconds"]
     total = sum(secs.values())
@@ -197,6 +207,8 @@ def render(data: dict[str, Any]) -> str:
 <p class="muted">prompts dropped: {dropped}</p>
 <table id="stages"><tr><th>stage</th><th>in</th><th>ok</th><th>filtered</th><th>failed</th>
 <th title="failed rows whose text reached a section's character cap">of which capped</th></tr>{stage_rows}</table>
+<h2>Curation</h2><table id="curation"><tr><th>filter</th><th>model</th><th>threshold / rule</th><th>checked</th>
+<th>removed</th></tr>{curation_rows or '<tr><td colspan="5">not recorded</td></tr>'}</table>
 <h2>Records per mode</h2><table id="modes"><tr><th>mode</th><th>records</th></tr>{mode_rows}</table>
 <h2>CLIP scores</h2>{hist}
 <h2>Time</h2>

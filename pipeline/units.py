@@ -27,6 +27,7 @@ from pipeline.errors import BuildError
 from pipeline.fsio import fsync_rename, sha256_file, write_atomic
 from schemas.trajectory import TRAJECTORY_SCHEMA, Trajectory
 from schemas.work import FAILED, OK
+from stages.assemble import row_scores
 
 #: OUT's folder of build state: the build's config (`build.json`), prompt report, unit markers, spool, logs, lock.
 STATE_DIR = "state"
@@ -41,7 +42,8 @@ def reject_record(row: dict[str, Any]) -> dict[str, Any]:
     return {
         "id": row["id"], "status": row["status"], "stage": row["stage"], "reason": row["error"],
         "prompt": row["prompt"], "where": row["where"],
-        "scores": {k: row[k] for k in ("clip_i1", "clip_i2", "clip_i1_i2")},
+        "scores": row_scores(row),
+        "judge": json.loads(row["judge"]) if row.get("judge") else None,
         "timings": json.loads(row["timings"] or "{}"),  # stage time spent on it counts in the report's cost
     }  # fmt: skip
 
@@ -157,22 +159,36 @@ def read_marker(out: Path, unit: int, gen_hash: str, ids: list[str]) -> dict[str
     return marker
 
 
-def shards_current(out: Path, marker: dict[str, Any], shard_hash: str) -> bool:
-    """Whether the marker's unit has its shards, written with this shard config and unchanged since."""
+def shards_excluded(marker: dict[str, Any]) -> list[str]:
+    """The ids a unit's current shards leave out (near-duplicate I2s); [] before any was."""
+    return list((marker.get("shards") or {}).get("excluded") or [])
+
+
+def shards_current(out: Path, marker: dict[str, Any], shard_hash: str, exclude: list[str] | None = None) -> bool:
+    """Whether the marker's unit has its shards, written with this shard config (and, when given, without exactly
+    the trajectories of `exclude`) and unchanged since."""
     shards = marker.get("shards")
     if not shards or shards.get("config") != shard_hash:
+        return False
+    if exclude is not None and shards_excluded(marker) != sorted(exclude):
         return False
     mtimes = shards.get("mtimes", {})
     return all(_file_ok(out / f["path"], f["bytes"], f["sha256"], mtimes.get(f["path"])) for f in shards["files"])
 
 
-def write_shards(root: Path, unit: int, marker: dict[str, Any], shard_config: dict[str, Any]) -> dict[str, Any]:
-    """Write a unit's six modes' shards from its trajectory file; record them in its marker (returned)."""
+def write_shards(
+    root: Path, unit: int, marker: dict[str, Any], shard_config: dict[str, Any], exclude: list[str] | None = None
+) -> dict[str, Any]:
+    """Write a unit's six modes' shards from its trajectory file, without the trajectories in `exclude` (the I2
+    near-duplicates, pipeline/curation.py); record them and the exclusion in its marker (returned)."""
     from pipeline.shards import write_unit_shards
     from schemas.config import ShardConfig
 
     cpu = time.process_time()
-    shards = write_unit_shards(root, unit, iter_unit_trajectories(root, unit), ShardConfig(**shard_config))
+    skip = set(exclude or ())
+    trajectories = (t for t in iter_unit_trajectories(root, unit) if t.id not in skip)
+    shards = write_unit_shards(root, unit, trajectories, ShardConfig(**shard_config))
+    shards["excluded"] = sorted(skip)
     shards["mtimes"] = {f["path"]: (root / f["path"]).stat().st_mtime_ns for f in shards["files"]}
     shards["cpu_seconds"] = round(time.process_time() - cpu, 3)  # for bench/scale.py's accounting
     marker = {**marker, "shards": shards}

@@ -9,7 +9,7 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 from schemas.local import TINY_BUILDER_KINDS, TINY_PREFIX, TINY_TRAINER_KINDS
-from schemas.stages import STAGES, StageName, model_stages
+from schemas.stages import STAGES, StageName, model_stages, stage_enabled
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -249,7 +249,7 @@ class PromptDedupConfig(StrictModel):
 
     enabled: bool = Field(True, description="Remove near-duplicate prompts.")
     threshold: float = Field(
-        0.9, gt=0, le=1, description="Cosine similarity at or above which two prompts are near-duplicates."
+        0.95, gt=0, le=1, description="Cosine similarity at or above which two prompts are near-duplicates."
     )
     search: Literal["auto", "exact", "ivf"] = Field(
         "auto",
@@ -257,6 +257,12 @@ class PromptDedupConfig(StrictModel):
         "auto: exact below 20,000 prompts, ivf above.",
     )
     nprobe: int = Field(16, ge=1, description="ivf: inverted lists searched per query (higher: better recall, slower).")
+    protect_compositions: bool = Field(
+        True,
+        description="Never count two prompts as near-duplicates when they ask for different counts, colours or "
+        "positions, or are the same words in another order (stages/compositions.py): sentence embeddings barely "
+        "see those words ('three sinks' / 'four sinks': cosine 0.96 with all-MiniLM-L6-v2).",
+    )
 
 
 class ImageDedupConfig(StrictModel):
@@ -452,6 +458,8 @@ class BuildConfig(StrictModel):
         # GPUs Ray gave that actor: it must ask for exactly one GPU per worker (docs/ENGINES.md). No GPUs: CPU.
         for name in (s.config_attr for s in STAGES if s.kind == "text"):
             stage = getattr(self, name)
+            if stage is None:  # an optional stage that is not configured
+                continue
             tp, gpus = stage.model.tensor_parallel_size, stage.resources.num_gpus
             if gpus and gpus != tp:
                 raise ValueError(
@@ -471,9 +479,12 @@ class BuildConfig(StrictModel):
             "images": self.images.model_dump(),
             "t1_loss_improving": self.shards.t1_loss_improving,
         }
-        # Every model stage's model config, keyed by stage name (fields with exclude=True are performance knobs).
+        # Every model stage's model config, keyed by stage name (fields with exclude=True are performance knobs). The
+        # filters (safety, judge) are in it as the score's thresholds are: they decide which trajectories are kept.
+        # An optional stage that does not run counts as None (absent and disabled are the same build).
         for s in model_stages():
-            keep[s.name] = getattr(self, s.config_attr).model.model_dump()
+            section = getattr(self, s.config_attr)
+            keep[s.name] = section.model.model_dump() if stage_enabled(self, s.name) else None
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 

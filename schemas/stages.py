@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any, Literal
 if TYPE_CHECKING:
     from schemas.config import BuildConfig
 
-StageKind = Literal["text", "image", "score", "cpu"]
+StageKind = Literal["text", "image", "score", "safety", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -23,7 +23,8 @@ class StageInfo:
 
     `name` is the stage's name everywhere (config keys, actor names, rejects' `stage`, summaries); `kind` says what
     engine it runs (text: vLLM/transformers, image: diffusers, score: open_clip, cpu: no model); `config_attr` is the
-    BuildConfig attribute that holds its `model` and `resources` (None for a stage without a model).
+    BuildConfig attribute that holds its `model` and `resources` (None for a stage without a model). An `optional`
+    stage runs only when its config section is set and `enabled` (`stage_enabled`).
     """
 
     name: str
@@ -31,6 +32,7 @@ class StageInfo:
     kind: StageKind
     config_attr: str | None
     description: str
+    optional: bool = False
 
     @property
     def has_model(self) -> bool:
@@ -43,7 +45,11 @@ STAGES: tuple[StageInfo, ...] = (
     StageInfo("draw_initial", "I1", "image", "draw_initial", "the initial (hindsight: weak) image"),
     StageInfo("reflect", "T2", "text", "reflect", "the reflection, by a VLM looking at I1 (hindsight: I1 and I2)"),
     StageInfo("draw_refined", "I2", "image", "draw_refined", "the refined (hindsight: strong) image"),
+    StageInfo("safety", "safety scores", "safety", "safety", "image safety classifier on I1 and I2", optional=True),
     StageInfo("score", "scores", "score", "score", "CLIP scores of I1 and I2 and the verdict"),
+    StageInfo(
+        "judge", "judgement", "text", "judge", "VLM judge: do I1/I2 satisfy the prompt, which is better", optional=True
+    ),  # fmt: skip
     StageInfo("assemble", "trajectory", "cpu", None, "row -> Trajectory, checked against the record contract"),
 )
 
@@ -52,10 +58,12 @@ STAGE_NAMES: tuple[str, ...] = tuple(s.name for s in STAGES)
 StageName = Literal[STAGE_NAMES]  # type: ignore[valid-type]
 
 #: Execution order per strategy. forward: think, draw, reflect, redraw. hindsight: both images first (weak, strong),
-#: then T1 written looking at I2 and T2 comparing I1 with I2.
+#: then T1 written looking at I2 and T2 comparing I1 with I2. The image safety check runs once both images exist (one
+#: pass over I1 and I2; unsafe images are rare, so checking I1 before the reflection would save little), in
+#: hindsight before any text is written; the judge runs after the CLIP verdict, on the rows CLIP kept.
 STRATEGY_ORDER: dict[str, tuple[str, ...]] = {
-    "forward": ("think", "draw_initial", "reflect", "draw_refined", "score", "assemble"),
-    "hindsight": ("draw_initial", "draw_refined", "think", "reflect", "score", "assemble"),
+    "forward": ("think", "draw_initial", "reflect", "draw_refined", "safety", "score", "judge", "assemble"),
+    "hindsight": ("draw_initial", "draw_refined", "safety", "think", "reflect", "score", "judge", "assemble"),
 }
 
 _BY_NAME = {s.name: s for s in STAGES}
@@ -83,14 +91,29 @@ def stage_order(strategy: str) -> tuple[StageInfo, ...]:
     return tuple(_BY_NAME[n] for n in names)
 
 
+def stage_enabled(cfg: BuildConfig, name: str) -> bool:
+    """Whether stage `name` runs in this build: always for a required stage; an optional one when its config
+    section is set and `enabled`."""
+    info = stage_info(name)
+    if not info.optional:
+        return True
+    section = getattr(cfg, info.config_attr) if info.config_attr else None
+    return section is not None and bool(getattr(section, "enabled", True))
+
+
+def active_stages(cfg: BuildConfig) -> tuple[StageInfo, ...]:
+    """The stages this build runs, in its strategy's order (stage_order without the disabled optional ones)."""
+    return tuple(s for s in stage_order(cfg.strategy) if stage_enabled(cfg, s.name))
+
+
 def model_stages() -> tuple[StageInfo, ...]:
     """The stages that load a model (and have `model` + `resources` in the config), in registry order."""
     return tuple(s for s in STAGES if s.has_model)
 
 
 def stage_config(cfg: BuildConfig, name: str) -> Any | None:
-    """The config section of stage `name` (a TextStageConfig, ImageStageConfig or ScoreStageConfig); None for a
-    stage without a model."""
+    """The config section of stage `name` (a TextStageConfig, ImageStageConfig, ScoreStageConfig, SafetyStageConfig
+    or JudgeStageConfig); None for a stage without a model or an optional stage that is not configured."""
     info = stage_info(name)
     return getattr(cfg, info.config_attr) if info.config_attr else None
 

@@ -65,6 +65,11 @@ class Trajectory:
     models: dict[str, str] = field(default_factory=dict)
     seeds: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
+    #: The VLM judge's answer and the rule it was applied with (schemas/judge.py); empty without a judge.
+    judge: dict[str, Any] = field(default_factory=dict)
+    #: The scorer's L2-normalised CLIP embedding of I2, float32 little-endian bytes (the near-duplicate pass over
+    #: I2s reads it; no GPU needed to run that pass again). Empty when unknown.
+    i2_embedding: bytes = b""
 
     def validate(self) -> None:
         """Raise TrajectoryError naming the field when this trajectory cannot yield valid records."""
@@ -112,6 +117,8 @@ class Trajectory:
             "models": json.dumps(self.models, sort_keys=True),
             "seeds": json.dumps(self.seeds, sort_keys=True),
             "timings": json.dumps(self.timings, sort_keys=True),
+            "judge": json.dumps(self.judge, sort_keys=True),
+            "i2_embedding": self.i2_embedding,
         }
 
     @classmethod
@@ -132,6 +139,8 @@ class Trajectory:
             models=json.loads(row["models"]),
             seeds={k: int(v) for k, v in json.loads(row["seeds"]).items()},
             timings=json.loads(row["timings"]),
+            judge=json.loads(row.get("judge") or "{}"),  # absent in trajectory files written before the judge
+            i2_embedding=row.get("i2_embedding") or b"",
         )
 
 
@@ -152,5 +161,7 @@ TRAJECTORY_SCHEMA = pa.schema(
         pa.field("models", pa.string(), nullable=False),
         pa.field("seeds", pa.string(), nullable=False),
         pa.field("timings", pa.string(), nullable=False),
+        pa.field("judge", pa.string(), nullable=False),
+        pa.field("i2_embedding", pa.binary(), nullable=False),
     ]
 )

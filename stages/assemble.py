@@ -28,13 +28,25 @@ def row_to_trajectory(row: dict[str, Any]) -> Trajectory:
         i1=row["i1"] or b"",
         t2=row["t2"] or "",
         i2=row["i2"] or b"",
-        scores={"clip_i1": row["clip_i1"], "clip_i2": row["clip_i2"], "clip_i1_i2": row["clip_i1_i2"]},
+        scores=row_scores(row),
         verdict=row["verdict"] or "",
         verdict_reason=row["verdict_reason"] or "",
         models=json.loads(row["models"] or "{}"),
         seeds={"trajectory": seed},
         timings=json.loads(row["timings"] or "{}"),
+        judge=json.loads(row["judge"]) if row.get("judge") else {},
+        i2_embedding=row.get("i2_embedding") or b"",
     )
+
+
+#: The work columns that are scores of a trajectory (None until their stage ran; the safety scores only with the
+#: safety stage on).
+SCORE_COLUMNS: tuple[str, ...] = ("clip_i1", "clip_i2", "clip_i1_i2", "safety_i1", "safety_i2")
+
+
+def row_scores(row: dict[str, Any]) -> dict[str, float]:
+    """The scores a work row has so far (rejects/ records them too, for the rows filtered on the way)."""
+    return {k: row[k] for k in SCORE_COLUMNS if row.get(k) is not None}
 
 
 class AssembleStage(Stage):

@@ -39,12 +39,13 @@ class ScoreStage(ModelStage):
         prompts = [batch["prompt"][i] for i in rows]
         i1 = [batch["i1"][i] for i in rows]
         i2 = [batch["i2"][i] for i in rows]
-        results = self.engine.score_pairs(prompts, i1, i2, names=("I1", "I2"))
+        results = self.engine.score_pairs(prompts, i1, i2, names=("I1", "I2"), with_embedding=True)
         return [StageError(str(r)) if isinstance(r, Exception) else r for r in results]
 
     def store(self, batch: Batch, i: int, result: Any) -> None:
-        c1, c2, c12 = (float(x) for x in result)
+        c1, c2, c12 = (float(x) for x in result[:3])
         batch["clip_i1"][i], batch["clip_i2"][i], batch["clip_i1_i2"][i] = c1, c2, c12
+        batch["i2_embedding"][i] = result[3]  # kept with the trajectory: the near-duplicate pass over I2s reads it
         accepted, reason = verdict(c1, c2, c12, self.cfg)
         batch["verdict"][i] = "accept" if accepted else "reject"
         batch["verdict_reason"][i] = reason

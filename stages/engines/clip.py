@@ -272,9 +272,12 @@ class ClipScorer:
         first: Sequence[bytes],
         second: Sequence[bytes],
         names: tuple[str, str] = ("I1", "I2"),
-    ) -> list[tuple[float, float, float] | ImageDecodeError]:
+        with_embedding: bool = False,
+    ) -> list[tuple[Any, ...] | ImageDecodeError]:
         """Per row: (cos(prompt, first), cos(prompt, second), cos(first, second)), or the ImageDecodeError of the
-        row's first bad image (named by `names`). Each image is decoded, preprocessed and embedded once."""
+        row's first bad image (named by `names`). Each image is decoded, preprocessed and embedded once.
+        `with_embedding`: each tuple also holds the second image's normalised embedding as float32 bytes (what the
+        build keeps for the near-duplicate pass over I2s)."""
         self._check()
         if not len(prompts) == len(first) == len(second):
             raise ValueError(f"got {len(prompts)} prompts, {len(first)} and {len(second)} images")
@@ -288,7 +291,7 @@ class ClipScorer:
         embedded, errors = self._embed_images(items)
         row_error = [errors[2 * k] or errors[2 * k + 1] for k in range(n)]
         good = [k for k in range(n) if row_error[k] is None]
-        scores: dict[int, tuple[float, float, float]] = {}
+        scores: dict[int, tuple[Any, ...]] = {}
         if good:
             # `embedded` holds only the images that decoded: image j's row there is the count of good ones before it.
             slot, position = [], 0
@@ -298,10 +301,10 @@ class ClipScorer:
             a = embedded[torch.tensor([slot[2 * k] for k in good], device=embedded.device)]
             b = embedded[torch.tensor([slot[2 * k + 1] for k in good], device=embedded.device)]
             text = self._encode_texts([prompts[k] for k in good])
-            triples = zip(
-                self._rowwise_cosine(text, a), self._rowwise_cosine(text, b), self._rowwise_cosine(a, b), strict=True
-            )
-            scores = dict(zip(good, triples, strict=True))
+            columns = [self._rowwise_cosine(text, a), self._rowwise_cosine(text, b), self._rowwise_cosine(a, b)]
+            if with_embedding:
+                columns.append([row.tobytes() for row in b.cpu().numpy().astype("<f4")])
+            scores = dict(zip(good, zip(*columns, strict=True), strict=True))
         return [scores[k] if err is None else err for k, err in enumerate(row_error)]
 
     def text_image(self, prompts: list[str], images: list[bytes]) -> list[float]:
