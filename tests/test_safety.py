@@ -208,6 +208,19 @@ def test_stage_threshold_between_filters_exactly_the_rows_at_or_above(
     assert OK in batch["status"] and FILTERED in batch["status"]
 
 
+def test_stage_threshold_equal_to_a_score_filters_that_image(nsfw: OpenNsfw) -> None:
+    # "At or above": the engine's own score of row 0's I2 (same batch, same session: the same float) as threshold.
+    first = SafetyStage(ImageSafetyConfig(threshold=2.0), engine=nsfw)(_pair_batch())
+    threshold = first["safety_i2"][0]
+    batch = SafetyStage(ImageSafetyConfig(threshold=threshold), engine=nsfw)(_pair_batch())
+    assert batch["safety_i2"][0] == threshold
+    assert batch["status"][0] == FILTERED
+    assert "I2 P(unsafe)=" in batch["error"][0]
+    for k in range(len(PAIRS)):  # and only the images at or above it
+        at_or_above = max(first["safety_i1"][k], first["safety_i2"][k]) >= threshold
+        assert batch["status"][k] == (FILTERED if at_or_above else OK)
+
+
 def test_stage_corrupt_image_fails_only_its_row(nsfw: OpenNsfw, direct_scores: dict[str, float]) -> None:
     batch = _batch([(IMAGES["red"], IMAGES["shapes"]), (IMAGES["skin"], CORRUPT), (IMAGES["noise"], IMAGES["white"])])
     batch["status"].append(FILTERED)  # a row filtered earlier is not touched
