@@ -124,7 +124,7 @@ def parse_judgement(text: str) -> Judgement:
             raise JudgementError(f"{key} is {data[key]!r}, not true or false")
     if not isinstance(data["better"], str) or data["better"] not in BETTER:
         raise JudgementError(f"better is {data['better']!r}, not one of {', '.join(repr(b) for b in BETTER)}")
-    if not isinstance(data["reason"], str):
+    if not isinstance(data["reason"], str) or not data["reason"].strip():
         raise JudgementError(f"reason is {data['reason']!r}, not a non-empty string")
     return Judgement(data["i1_satisfies"], data["i2_satisfies"], data["better"], data["reason"])
 
