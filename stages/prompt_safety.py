@@ -17,6 +17,7 @@ import re
 from typing import Any
 
 from schemas.config import PromptSafetyConfig
+from stages.engines.embed import quiet_loading
 from stages.engines.image import resolve_device
 
 #: Prompts per forward pass of the classifier, and the tokens it reads.
@@ -67,11 +68,12 @@ class PromptSafety:
         name = self.cfg.classifier
         if not name:
             raise PromptSafetyError("curation.prompt_safety.classifier must be set when engine is 'classifier'")
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(name)
-            self._model = AutoModelForSequenceClassification.from_pretrained(name)
-        except OSError as exc:
-            raise PromptSafetyError(f"curation.prompt_safety.classifier: cannot load '{name}': {exc}") from exc
+        with quiet_loading():
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(name)
+                self._model = AutoModelForSequenceClassification.from_pretrained(name)
+            except OSError as exc:
+                raise PromptSafetyError(f"curation.prompt_safety.classifier: cannot load '{name}': {exc}") from exc
         id2label = {int(k): str(v) for k, v in self._model.config.id2label.items()}
         wanted = {label.lower() for label in self.cfg.unsafe_labels}
         self._unsafe_ids = sorted(i for i, label in id2label.items() if label.lower() in wanted)

@@ -13,6 +13,8 @@ the cosine similarity, which is what the filters threshold.
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -77,6 +79,20 @@ def read_layout(folder: str | Path) -> tuple[str, bool]:
     return modes[0], normalise
 
 
+@contextmanager
+def quiet_loading() -> Iterator[None]:
+    """No 'Loading weights' progress bar from transformers while a model loads (the build prints its own lines)."""
+    from transformers.utils import logging as hf_logging
+
+    was_on = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_on:
+            hf_logging.enable_progress_bar()
+
+
 class SentenceEmbedder:
     """`embed(texts)` -> float32 array (n, d) of L2-normalised sentence embeddings, in the order of `texts`."""
 
@@ -96,11 +112,12 @@ class SentenceEmbedder:
         if Path(path).is_dir():
             self.pooling, self.normalise = read_layout(path)
         self.device = resolve_device(self.cfg.device)
-        try:
-            self._tokenizer = AutoTokenizer.from_pretrained(path)
-            self._model = AutoModel.from_pretrained(path)
-        except OSError as exc:
-            raise EmbedderError(f"curation.embedder.model: cannot load '{self.cfg.model}': {exc}") from exc
+        with quiet_loading():
+            try:
+                self._tokenizer = AutoTokenizer.from_pretrained(path)
+                self._model = AutoModel.from_pretrained(path)
+            except OSError as exc:
+                raise EmbedderError(f"curation.embedder.model: cannot load '{self.cfg.model}': {exc}") from exc
         self._model.to(self.device).eval()
         self._torch = torch
 
