@@ -70,10 +70,10 @@ def curate_prompts(
                 drop[k] = {"reason": UNSAFE, "score": round(score, 6), "detail": detail, "duplicate_of": None}
 
     if dedup_cfg.enabled:
-        from stages.neardup import keep_first, near_duplicate_pairs
+        from stages.neardup import keep_first, near_duplicate_arrays
 
         rest = [k for k in range(len(prompts)) if k not in drop]
-        pairs = near_duplicate_pairs(emb[rest], dedup_cfg.threshold, dedup_cfg.search, dedup_cfg.nprobe)
+        pairs = near_duplicate_arrays(emb[rest], dedup_cfg.threshold, dedup_cfg.search, dedup_cfg.nprobe)
         _, duplicate_of = keep_first(len(rest), pairs)
         for j, (i, sim) in duplicate_of.items():
             first = prompts[rest[i]].where

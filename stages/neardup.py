@@ -48,25 +48,48 @@ def _as_unit_rows(emb: Any) -> Any:
     return np.ascontiguousarray(x / np.maximum(norms, 1e-12), dtype=np.float32)
 
 
-def exact_pairs(emb: Any, threshold: float, block: int | None = None) -> list[Pair]:
-    """All pairs (i < j) with cosine >= threshold, by blocks of rows against all later rows."""
+def _sorted_unique(i: Any, j: Any, sim: Any) -> tuple[Any, Any, Any]:
+    """Pairs as arrays sorted by (i, j), one per (i, j): the largest similarity where a pair came twice."""
+    import numpy as np
+
+    order = np.lexsort((-sim, j, i))  # by i, then j, then the larger similarity first
+    i, j, sim = i[order], j[order], sim[order]
+    first = np.ones(len(i), dtype=bool)
+    first[1:] = (i[1:] != i[:-1]) | (j[1:] != j[:-1])
+    return i[first], j[first], sim[first]
+
+
+def _as_list(i: Any, j: Any, sim: Any) -> list[Pair]:
+    return list(zip(i.tolist(), j.tolist(), sim.tolist(), strict=True))
+
+
+def exact_arrays(emb: Any, threshold: float, block: int | None = None) -> tuple[Any, Any, Any]:
+    """exact_pairs as three arrays (i, j, cosine), sorted by (i, j)."""
     import numpy as np
 
     x = _as_unit_rows(emb)
     n = x.shape[0]
     if block is None:
         block = max(1, min(4096, EXACT_BLOCK_FLOATS // max(n, 1)))
-    out: list[Pair] = []
+    parts_i, parts_j, parts_s = [], [], []
     for s in range(0, n, block):
         e = min(s + block, n)
         sims = x[s:e] @ x[s:].T  # (e - s, n - s): row s + a against columns s + b
         # Only b > a (strictly later rows): mask the lower triangle and the diagonal of the in-block square.
         sims[np.tril_indices(e - s, k=0, m=n - s)] = -np.inf
         a, b = np.nonzero(sims >= threshold)
-        for ai, bi, v in zip(a.tolist(), b.tolist(), sims[a, b].tolist(), strict=True):
-            out.append((s + ai, s + bi, float(v)))
-    out.sort()
-    return out
+        parts_i.append(a + s)
+        parts_j.append(b + s)
+        parts_s.append(sims[a, b])
+    if not parts_i:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    # np.nonzero walks rows in order and columns in order within a row: already sorted by (i, j).
+    return np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s)
+
+
+def exact_pairs(emb: Any, threshold: float, block: int | None = None) -> list[Pair]:
+    """All pairs (i < j) with cosine >= threshold, by blocks of rows against all later rows."""
+    return _as_list(*exact_arrays(emb, threshold, block))
 
 
 def ivf_nlist(n: int) -> int:
@@ -74,15 +97,16 @@ def ivf_nlist(n: int) -> int:
     return max(1, min(int(round(4 * math.sqrt(n))), n // 8))
 
 
-def ivf_pairs(emb: Any, threshold: float, nprobe: int = 16, nlist: int | None = None) -> list[Pair]:
-    """Pairs (i < j) with cosine >= threshold found by a faiss IVF range search (approximate; deterministic)."""
+def ivf_arrays(emb: Any, threshold: float, nprobe: int = 16, nlist: int | None = None) -> tuple[Any, Any, Any]:
+    """ivf_pairs as three arrays (i, j, cosine), sorted by (i, j)."""
     import faiss
     import numpy as np
 
     x = _as_unit_rows(emb)
     n, d = x.shape
+    empty = (np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32))
     if n < 2:
-        return []
+        return empty
     nlist = nlist or ivf_nlist(n)
     quantizer = faiss.IndexFlatIP(d)
     index = faiss.IndexIVFFlat(quantizer, d, nlist, faiss.METRIC_INNER_PRODUCT)
@@ -100,52 +124,75 @@ def ivf_pairs(emb: Any, threshold: float, nprobe: int = 16, nlist: int | None = 
     index.nprobe = min(nprobe, nlist)
     # faiss keeps inner products strictly above the radius; search a hair lower and apply ">=" here, as exact does.
     radius = float(threshold) - 1e-6
-    found: dict[tuple[int, int], float] = {}
+    parts_i, parts_j, parts_s = [], [], []
     for s in range(0, n, IVF_QUERY_CHUNK):
         q = x[s : s + IVF_QUERY_CHUNK]
         lims, dists, labels = index.range_search(q, radius)
-        counts = np.diff(lims.astype(np.int64))
-        rows = np.repeat(np.arange(s, s + q.shape[0]), counts)
+        rows = np.repeat(np.arange(s, s + q.shape[0], dtype=np.int64), np.diff(lims.astype(np.int64)))
         keep = (labels != rows) & (dists >= threshold)
-        for r, c, v in zip(rows[keep].tolist(), labels[keep].tolist(), dists[keep].tolist(), strict=True):
-            key = (r, c) if r < c else (c, r)
-            # Both directions may find a pair; keep the larger value so the result does not depend on which.
-            if v > found.get(key, -np.inf):
-                found[key] = float(v)
-    return sorted((i, j, v) for (i, j), v in found.items())
+        rows, labels, dists = rows[keep], labels[keep].astype(np.int64), dists[keep]
+        # Either row of a pair may find the other: store it as (smaller, larger) and merge the two finds below.
+        parts_i.append(np.minimum(rows, labels))
+        parts_j.append(np.maximum(rows, labels))
+        parts_s.append(dists)
+    if not parts_i:
+        return empty
+    return _sorted_unique(np.concatenate(parts_i), np.concatenate(parts_j), np.concatenate(parts_s))
+
+
+def ivf_pairs(emb: Any, threshold: float, nprobe: int = 16, nlist: int | None = None) -> list[Pair]:
+    """Pairs (i < j) with cosine >= threshold found by a faiss IVF range search (approximate; deterministic)."""
+    return _as_list(*ivf_arrays(emb, threshold, nprobe, nlist))
+
+
+def near_duplicate_arrays(emb: Any, threshold: float, search: str = "auto", nprobe: int = 16) -> tuple[Any, Any, Any]:
+    """near_duplicate_pairs as three arrays (i, j, cosine), sorted by (i, j): less memory for millions of pairs."""
+    n = len(emb)
+    if search == "auto":
+        search = "exact" if n < AUTO_EXACT_BELOW else "ivf"
+    if search == "exact":
+        return exact_arrays(emb, threshold)
+    if search == "ivf":
+        return ivf_arrays(emb, threshold, nprobe=nprobe)
+    raise ValueError(f"unknown near-duplicate search '{search}' (auto, exact or ivf)")
 
 
 def near_duplicate_pairs(emb: Any, threshold: float, search: str = "auto", nprobe: int = 16) -> list[Pair]:
     """Pairs (i, j, cosine) with i < j and cosine >= threshold, sorted; rows are L2-normalised first if they are
     not already. search: 'exact' (blocked all-pairs), 'ivf' (faiss, approximate), 'auto' (exact below
     AUTO_EXACT_BELOW rows, else ivf)."""
-    n = len(emb)
-    if search == "auto":
-        search = "exact" if n < AUTO_EXACT_BELOW else "ivf"
-    if search == "exact":
-        return exact_pairs(emb, threshold)
-    if search == "ivf":
-        return ivf_pairs(emb, threshold, nprobe=nprobe)
-    raise ValueError(f"unknown near-duplicate search '{search}' (auto, exact or ivf)")
+    return _as_list(*near_duplicate_arrays(emb, threshold, search, nprobe))
 
 
-def keep_first(n: int, pairs: list[Pair]) -> tuple[list[bool], dict[int, tuple[int, float]]]:
+def keep_first(n: int, pairs: Any) -> tuple[list[bool], dict[int, tuple[int, float]]]:
     """The cluster rule: visit rows 0..n-1 in order; a row is dropped when it is a near-duplicate of an earlier
     KEPT row. Returns the keep flags and, for each dropped row, (the kept row it duplicates, cosine): the most
-    similar earlier kept row, the earliest of equals. O(n + pairs)."""
-    earlier: list[list[tuple[int, float]]] = [[] for _ in range(n)]
-    for i, j, sim in pairs:
-        if not (0 <= i < j < n):
-            raise ValueError(f"pair ({i}, {j}) is not i < j within {n} rows")
-        earlier[j].append((i, sim))
+    similar earlier kept row, the earliest of equals. `pairs`: (i, j, cosine) triples with i < j, or the three
+    arrays of near_duplicate_arrays. O(n + pairs) apart from one sort of the pairs."""
+    import numpy as np
+
+    if isinstance(pairs, tuple) and len(pairs) == 3 and all(isinstance(a, np.ndarray) for a in pairs):
+        i_arr, j_arr, s_arr = (np.asarray(a) for a in pairs)
+    else:
+        triples = list(pairs)
+        i_arr = np.array([p[0] for p in triples], dtype=np.int64)
+        j_arr = np.array([p[1] for p in triples], dtype=np.int64)
+        s_arr = np.array([p[2] for p in triples], dtype=np.float64)
+    bad = (i_arr < 0) | (i_arr >= j_arr) | (j_arr >= n)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise ValueError(f"pair ({int(i_arr[k])}, {int(j_arr[k])}) is not i < j within {n} rows")
+    # Group the pairs by their later row j; within a group the most similar first, then the earliest.
+    order = np.lexsort((i_arr, -s_arr, j_arr))
+    i_list, j_list, s_list = i_arr[order].tolist(), j_arr[order].tolist(), s_arr[order].tolist()
     keep = [True] * n
     dup_of: dict[int, tuple[int, float]] = {}
-    for j in range(n):
-        best: tuple[int, float] | None = None
-        for i, sim in earlier[j]:
-            if keep[i] and (best is None or sim > best[1] or (sim == best[1] and i < best[0])):
-                best = (i, sim)
-        if best is not None:
-            keep[j] = False
-            dup_of[j] = best
+    k, m = 0, len(j_list)
+    while k < m:  # groups in increasing j: every earlier row's fate is known when j's group is read
+        j = j_list[k]
+        while k < m and j_list[k] == j:
+            if keep[j] and keep[i_list[k]]:
+                keep[j] = False
+                dup_of[j] = (i_list[k], s_list[k])
+            k += 1
     return keep, dup_of
