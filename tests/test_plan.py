@@ -24,7 +24,7 @@ from pipeline.plan.render import format_plan
 from schemas.config import ConfigError, load_build_config
 from schemas.modes import MODES
 from schemas.reflection import reflection_regex_max_chars, think_regex_max_chars
-from schemas.stages import STAGE_NAMES, STAGES, STRATEGY_ORDER, model_stages, stage_order
+from schemas.stages import STAGE_NAMES, STAGES, STRATEGY_ORDER, active_stages, model_stages, stage_order
 
 ROOT = Path(__file__).resolve().parents[1]
 FORWARD = ROOT / "configs" / "irgl-300k.yaml"
@@ -93,8 +93,8 @@ def _preset_copy(tmp_path: Path, preset: Path, edit) -> Path:  # noqa: ANN001 (a
 @pytest.mark.parametrize(
     ("preset", "order", "bottleneck"),
     [
-        (FORWARD, ["think", "draw_initial", "reflect", "draw_refined", "score", "assemble"], "draw_initial"),
-        (HINDSIGHT, ["draw_initial", "draw_refined", "think", "reflect", "score", "assemble"], "reflect"),
+        (FORWARD, ["think", "draw_initial", "reflect", "draw_refined", "safety", "score", "assemble"], "draw_initial"),
+        (HINDSIGHT, ["draw_initial", "draw_refined", "safety", "think", "reflect", "score", "assemble"], "reflect"),
     ],
 )
 def test_presets_plan_cleanly(preset: Path, order: list[str], bottleneck: str, no_network: None) -> None:
@@ -122,9 +122,10 @@ def test_presets_plan_cleanly(preset: Path, order: list[str], bottleneck: str, n
     # With prompt and image tokens counted, T2 (reading 1 or 2 images of 1,369 tokens) needs as many GPUs as FLUX:
     # forward gives reflect 4 replicas so that the image stage is the slowest; hindsight's 64 GPUs leave it the VLMs.
     assert plan.bottleneck == bottleneck
-    # Replicas are balanced: every GPU-heavy stage (not the CLIP scorer) is busy at least half of the wall time.
+    # Replicas are balanced: every GPU-heavy stage (not the CLIP scorer, not the CPU safety classifier) is busy at
+    # least half of the wall time.
     for s in plan.stages:
-        if s.name not in ("score", "assemble"):
+        if s.name not in ("score", "safety", "assemble"):
             assert s.wall_seconds > 0.5 * plan.wall_seconds, s.name
     assert 0.5e12 < plan.disk_bytes < 5e12 and plan.upload_bytes < plan.disk_bytes
 
@@ -425,22 +426,33 @@ def test_stage_registry_is_what_everything_reads() -> None:
     from pipeline.graph import model_names, stage_graph
     from pipeline.report import _num_gpus
 
-    assert STAGE_NAMES == ("think", "draw_initial", "reflect", "draw_refined", "score", "assemble")
+    assert STAGE_NAMES == ("think", "draw_initial", "reflect", "draw_refined", "safety", "score", "judge", "assemble")
     assert {s.name: s.kind for s in STAGES} == {
-        "think": "text", "draw_initial": "image", "reflect": "text", "draw_refined": "image", "score": "score",
-        "assemble": "cpu",
+        "think": "text", "draw_initial": "image", "reflect": "text", "draw_refined": "image", "safety": "safety",
+        "score": "score", "judge": "text", "assemble": "cpu",
     }  # fmt: skip
-    for preset in (FORWARD, HINDSIGHT, TINY):
-        cfg = load_build_config(preset)
-        order = list(STRATEGY_ORDER[cfg.strategy])
-        assert [s.name for s in stage_graph(cfg)] == order == [s.name for s in stage_order(cfg.strategy)]
+    assert [s.name for s in STAGES if s.optional] == ["safety", "judge"]
+    judge = {"judge": {"model": {"model": "tiny:vlm"}}}
+    for preset, overrides in (
+        (FORWARD, {}),
+        (HINDSIGHT, {}),
+        (TINY, {}),
+        (TINY, judge),
+        (TINY, {"safety.enabled": False}),
+    ):
+        cfg = load_build_config(preset, overrides)
+        # The strategy's order without the optional stages that are off (no judge section; safety enabled: false).
+        off = {"judge"} - set(overrides) | ({"safety"} if "safety.enabled" in overrides else set())
+        order = [n for n in STRATEGY_ORDER[cfg.strategy] if n not in off]
+        assert [s.name for s in stage_graph(cfg)] == order == [s.name for s in active_stages(cfg)]
+        assert [s.name for s in stage_order(cfg.strategy)] == list(STRATEGY_ORDER[cfg.strategy])
         assert [s.name for s in make_plan(cfg, limit=1).stages] == order
         # The build's specs take each stage's model and resources from the section the registry names.
         for spec in stage_graph(cfg):
             section = getattr(cfg, spec.name) if spec.name != "assemble" else None
             assert spec.resources == (section.resources if section else None)
             assert spec.kwargs.get("model") == (section.model if section else None)
-        assert list(model_names(cfg)) == [s.name for s in model_stages()]
+        assert list(model_names(cfg)) == [n for n in order if n != "assemble"]
         dump = cfg.model_dump()
         assert [_num_gpus(dump, n) for n in order] == [
             getattr(cfg, n).resources.num_gpus if n != "assemble" else 0.0 for n in order
@@ -449,26 +461,34 @@ def test_stage_registry_is_what_everything_reads() -> None:
 
 
 def test_fault_injection_keys_come_from_the_registry(tmp_path: Path) -> None:
-    cfg = load_build_config(TINY, {"fault_injection": {n: 0.5 for n in STAGE_NAMES}})
+    cfg = load_build_config(
+        TINY, {"fault_injection": {n: 0.5 for n in STAGE_NAMES}, "judge": {"model": {"model": "tiny:vlm"}}}
+    )
     assert set(cfg.fault_injection) == set(STAGE_NAMES)
     from pipeline.graph import stage_graph
 
     assert {s.name: s.kwargs["fault_rate"] for s in stage_graph(cfg)} == {n: 0.5 for n in STAGE_NAMES}
     with pytest.raises(ConfigError) as err:
         load_build_config(TINY, {"fault_injection": {"reflekt": 0.5}})
-    assert "fault_injection.reflekt" in str(err.value) and "'draw_refined', 'score' or 'assemble'" in str(err.value)
+    assert "fault_injection.reflekt" in str(err.value) and "'score', 'judge' or 'assemble'" in str(err.value)
 
 
 def test_generation_hash_is_keyed_by_registry_stages() -> None:
     """The hash covers the model config of every model stage in the registry (a changed model id in any of them is a
-    new generation config); performance knobs (compile) stay out."""
-    cfg = load_build_config(FORWARD)
+    new generation config), the optional ones (the filters decide what is kept) only when they run; performance
+    knobs (compile) stay out."""
+    cfg = load_build_config(FORWARD, {"judge": {"model": {"model": "org/judge"}}})
     hashes = {cfg.generation_hash()}
     for info in model_stages():
         section = getattr(cfg, info.config_attr)
         other = section.model_copy(update={"model": section.model.model_copy(update={"model": "org/other"})})
         hashes.add(cfg.model_copy(update={info.config_attr: other}).generation_hash())
-    assert len(hashes) == 1 + len(model_stages()) == 6
+    assert len(hashes) == 1 + len(model_stages()) == 8
+    # An optional stage that does not run: absent and `enabled: false` are the same build, and differ from one with it.
+    no_judge = load_build_config(FORWARD)
+    off = load_build_config(FORWARD, {"judge": {"enabled": False, "model": {"model": "org/judge"}}})
+    assert no_judge.generation_hash() == off.generation_hash() != cfg.generation_hash()
+    assert load_build_config(FORWARD, {"safety.enabled": False}).generation_hash() != no_judge.generation_hash()
     fast = cfg.draw_refined.model.model_copy(update={"compile": True})
     compiled = cfg.model_copy(update={"draw_refined": cfg.draw_refined.model_copy(update={"model": fast})})
     assert compiled.draw_refined.model.compile and compiled.generation_hash() == cfg.generation_hash()
@@ -512,13 +532,14 @@ def test_hand_computed_plan(tmp_path: Path) -> None:
     reflect           2 x 4          0.25        2,400                 1,200                       9,600
     draw_refined      4 x 1          0.5         1,200                   300                       1,200
     score             1 x 1         10.0            60                    60                          60
+    safety            1 x 0         10.0            60                    60                           0
     wall = 1,200 s (reflect); GPUs held 8 + 3 + 8 + 4 + 1 = 24; busy 16,260 GPU-s = 4.5167 GPU-h; reserved
     24 x 1,200 s = 8 GPU-h; records per mode round(600 x 0.5) = 300; 7 images per trajectory in the six modes at
     0.5 MB (1024^2 JPEG): Parquet 300 x 7 x 0.5 MB = 1.05 GB = upload; disk = Parquet + the same in WebDataset +
     I1 and I2 once in trajectories/ (300 x 2 x 0.5 MB) = 2.4 GB; unit writers 600 x 0.031 s = 18.6 CPU-s."""
     table = {
         "think": (2, 4, 0.5), "draw_initial": (3, 1, 1.0), "reflect": (2, 4, 0.25), "draw_refined": (4, 1, 0.5),
-        "score": (1, 1, 10.0),
+        "score": (1, 1, 10.0), "safety": (1, 0, 10.0),
     }  # fmt: skip
 
     def edit(d: dict) -> None:
@@ -531,10 +552,10 @@ def test_hand_computed_plan(tmp_path: Path) -> None:
     stages = {s.name: s for s in plan.stages}
     assert plan.trajectories == 600 and plan.records_per_mode == 300
     assert {n: stages[n].busy_seconds for n in table} == pytest.approx(
-        {"think": 1200, "draw_initial": 600, "reflect": 2400, "draw_refined": 1200, "score": 60}
+        {"think": 1200, "draw_initial": 600, "reflect": 2400, "draw_refined": 1200, "score": 60, "safety": 60}
     )
     assert {n: stages[n].wall_seconds for n in table} == pytest.approx(
-        {"think": 600, "draw_initial": 200, "reflect": 1200, "draw_refined": 300, "score": 60}
+        {"think": 600, "draw_initial": 200, "reflect": 1200, "draw_refined": 300, "score": 60, "safety": 60}
     )
     assert plan.wall_seconds == pytest.approx(1200) and plan.bottleneck == "reflect"
     assert plan.total_gpus == 24
@@ -546,7 +567,7 @@ def test_hand_computed_plan(tmp_path: Path) -> None:
     assert "wall time (streaming; slowest stage: reflect): 20 min" in text
     assert "GPU-hours: 5 busy, 8 reserved" in text
     assert "disk for OUT: ~2.4 GB; Hub upload (Parquet): ~1.1 GB" in text
-    assert "stage utilisation: think 50%, draw_initial 17%, reflect 100%, draw_refined 25%, score 5%" in text
+    assert "stage utilisation: think 50%, draw_initial 17%, reflect 100%, draw_refined 25%, safety 5%, score 5%" in text
 
 
 def _variant(tmp_path: Path, name: str, **changes: object):  # noqa: ANN202 (a Plan)

@@ -31,7 +31,7 @@ from pipeline.plan.rates import (
     text_load,
 )
 from schemas.config import BuildConfig
-from schemas.stages import model_stages, stage_config, stage_info
+from schemas.stages import active_stages, stage_config, stage_info
 
 if TYPE_CHECKING:
     from pipeline.plan.estimate import StagePlan
@@ -89,7 +89,8 @@ def config_warnings(cfg: BuildConfig, max_prompt_chars: int) -> list[str]:
     regex allows, section caps a real model runs into, contexts that cannot hold prompt + images + output, image
     sizes the official trainer rejects, compiling on CPU, models left on CPU."""
     out = []
-    for info in (s for s in model_stages() if s.kind == "text"):
+    running = [s for s in active_stages(cfg) if s.has_model]
+    for info in (s for s in running if s.kind == "text"):
         name = info.name
         stage = stage_config(cfg, name)
         m = stage.model  # (GPUs per actor vs tensor_parallel_size: the config itself refuses a mismatch)
@@ -102,7 +103,7 @@ def config_warnings(cfg: BuildConfig, max_prompt_chars: int) -> list[str]:
                     f"{name}: max_tokens={m.max_tokens} < {limit} characters the regex allows: the engine stops at "
                     f"max_tokens, so long outputs are cut off and fail (safe by construction: {4 * limit})"
                 )
-            floor = MIN_SECTION_CHARS[name]
+            floor = MIN_SECTION_CHARS.get(name, 0)  # the judge's answer has no sections
             if m.max_section_chars < floor and not m.model.startswith("tiny:"):
                 part = "the plan" if name == "think" else "each reflection part"
                 out.append(
@@ -118,7 +119,7 @@ def config_warnings(cfg: BuildConfig, max_prompt_chars: int) -> list[str]:
                 f"~{load.max_prompt_tokens:,.0f}{images} + max_tokens {m.max_tokens:,}: outputs are cut at the context "
                 "end and fail (a prompt longer than the context is refused); raise max_model_len or lower max_tokens"
             )
-    for info in (s for s in model_stages() if s.kind == "image"):
+    for info in (s for s in running if s.kind == "image"):
         name = info.name
         stage = stage_config(cfg, name)
         m = stage.model
@@ -133,7 +134,7 @@ def config_warnings(cfg: BuildConfig, max_prompt_chars: int) -> list[str]:
                 f"{name}: compile: true on CPU (resources.num_gpus=0): torch.compile costs minutes at every actor "
                 "start for no measured gain there; set compile: false"
             )
-    for info in model_stages():
+    for info in (s for s in running if s.kind != "safety"):  # the safety classifier is a CPU stage by design
         model = stage_model(cfg, info.name)
         if stage_config(cfg, info.name).resources.num_gpus == 0 and not model.startswith("tiny:"):
             out.append(f"{info.name}: {model} has resources.num_gpus=0 and will run on CPU")

@@ -12,7 +12,7 @@ from pipeline.plan.counts import SourceCount, count_prompts
 from pipeline.plan.figures import IMAGE_BYTES_1024, IMAGES_PER_TRAJECTORY_IN_MODES, WRITER_CPU_PER_TRAJECTORY
 from pipeline.plan.rates import max_prompt_chars, stage_model, stage_rate
 from schemas.config import BuildConfig, ResourceConfig
-from schemas.stages import stage_config, stage_order
+from schemas.stages import active_stages, stage_config
 
 
 @dataclass
@@ -93,7 +93,7 @@ def make_plan(
 
     longest_prompt = max_prompt_chars(prompt_sources)
     stages = []
-    for info in stage_order(cfg.strategy):  # the registry: the strategy's order, each stage's config section
+    for info in active_stages(cfg):  # the registry: the strategy's order (stages that run), each one's config
         section = stage_config(cfg, info.name)
         if section is None:
             stages.append(StagePlan(info.name, stage_model(cfg, info.name), None, None, "cheap CPU step"))

@@ -48,6 +48,12 @@ VAE_ENCODE_OF_DECODE = 0.5
 IMAGE_ENCODE_CPU_SECONDS = {"jpeg": 0.0074, "png": 0.28}
 IMAGE_DECODE_CPU_SECONDS = {"jpeg": 0.009, "png": 0.024}
 CLIP_PREPROCESS_CPU_SECONDS = 0.011
+#: Open-NSFW (the image safety stage) on ONNX Runtime, one thread, batches of 16 at 224 px: 0.040 s per image, and
+#: its preprocessing (1024 px -> 256 px, JPEG round trip, crop) ~0.006 s. Measured on the development machine's
+#: AMD EPYC (a loaded 2-core VM: an upper bound).
+OPEN_NSFW_CPU_SECONDS = 0.040
+OPEN_NSFW_PREPROCESS_CPU_SECONDS = 0.006
+OPEN_NSFW_SOURCE = "measured: one AMD EPYC core, ONNX Runtime 1.32"
 CPU_FIGURES_SOURCE = "measured: one AMD EPYC core, bench/cpu_image_costs.py"
 #: The score stage's preprocessing threads when `score.model.preprocess_threads` is unset: the actor's CPUs, at most
 #: this (stages/engines/clip.py).
@@ -82,7 +88,7 @@ VLM_MAX_PIXELS = 12_845_056
 VISION_ENCODER_BILLIONS = 0.67
 #: ASSUMED prompt tokens besides the user's prompt: the instruction (~250-700 characters in stages/think.py and
 #: stages/reflect.py) and the chat template.
-INSTRUCTION_TOKENS = {"think": 120, "reflect": 220}
+INSTRUCTION_TOKENS = {"think": 120, "reflect": 220, "judge": 150}
 #: ASSUMED mean user prompt, in characters (the generator's are ~60, Hub prompt sets ~100-400).
 MEAN_PROMPT_CHARS = 200
 #: ASSUMED: structured outputs fill about half of what the regex allows, at ~4 characters per token (English).
@@ -95,6 +101,8 @@ VLM_IMAGES: dict[tuple[str, str], tuple[str, ...]] = {
     ("think", "hindsight"): ("draw_refined",),
     ("reflect", "forward"): ("draw_initial",),
     ("reflect", "hindsight"): ("draw_initial", "draw_refined"),
+    ("judge", "forward"): ("draw_initial", "draw_refined"),
+    ("judge", "hindsight"): ("draw_initial", "draw_refined"),
 }
 #: Section caps (`max_section_chars`) below which a real model is likely to run into the cap (the row then fails):
 #: ASSUMED from what instruction-tuned VLMs such as Qwen2.5-VL-72B write when asked for these texts even with a

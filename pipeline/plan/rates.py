@@ -7,7 +7,8 @@ per trajectory:
 - image stages (diffusers): the denoising steps (eager, or compiled with `compile: true`), the text encoders, the
   VAE decode (and encode of I1 for image-to-image), and encoding the image on the actor's CPU;
 - the scorer: two images through open_clip on the GPU while they are decoded and preprocessed on the actor's CPU
-  threads, the slower of the two.
+  threads, the slower of the two;
+- image safety: two images decoded, preprocessed and classified by Open-NSFW on the actor's CPUs.
 A stage with `resources.items_per_second` in its config is planned at that rate instead.
 """
 
@@ -36,6 +37,9 @@ from pipeline.plan.figures import (
     MAX_PREPROCESS_THREADS,
     MEAN_FILL,
     MEAN_PROMPT_CHARS,
+    OPEN_NSFW_CPU_SECONDS,
+    OPEN_NSFW_PREPROCESS_CPU_SECONDS,
+    OPEN_NSFW_SOURCE,
     PREFILL_FLOPS_PER_GPU,
     VAE_ENCODE_OF_DECODE,
     VISION_ENCODER_BILLIONS,
@@ -63,11 +67,15 @@ def lookup_figure(model_id: str, table: list[tuple[str, float, str]], default: t
 
 
 def regex_max_chars(model: TextModelConfig, role: str) -> int:
-    """The longest text the structured-output regex of T1 (`role` think) or T2 (reflect) allows, in characters."""
+    """The longest text the structured-output regex of T1 (`role` think), T2 (reflect) or the judge's answer (judge)
+    allows, in characters."""
+    from schemas.judge import judge_regex_max_chars
     from schemas.reflection import reflection_regex_max_chars, think_regex_max_chars
 
     if role == "think":
         return think_regex_max_chars(model.max_section_chars)
+    if role == "judge":
+        return judge_regex_max_chars(model.max_reason_chars)
     return reflection_regex_max_chars(model.max_section_chars)
 
 
@@ -216,6 +224,20 @@ def clip_rate(cfg: BuildConfig, res: ResourceConfig, threads: int | None = None)
     )
 
 
+def safety_rate(cfg: BuildConfig, res: ResourceConfig) -> tuple[float | None, str]:
+    """Trajectories/s of one image safety replica: Open-NSFW on ONNX Runtime on the actor's CPUs, I1 and I2 each
+    decoded, preprocessed (resized to 256 px, JPEG round trip) and classified."""
+    if cfg.safety.model.engine != "open_nsfw":
+        return None, "CLIP safety head: no built-in figure (set resources.items_per_second)"
+    pixels = sum(m.height * m.width for m in (cfg.draw_initial.model, cfg.draw_refined.model)) / (1024 * 1024)
+    decode = IMAGE_DECODE_CPU_SECONDS[cfg.images.format] * pixels
+    cpu_s = decode + 2 * (OPEN_NSFW_PREPROCESS_CPU_SECONDS + OPEN_NSFW_CPU_SECONDS)
+    return res.num_cpus / cpu_s, (
+        f"Open-NSFW {1000 * OPEN_NSFW_CPU_SECONDS:.0f} ms/image + preprocessing, on {res.num_cpus:g} CPU(s) "
+        f"({OPEN_NSFW_SOURCE})"
+    )
+
+
 def score_cpu_seconds(cfg: BuildConfig) -> float:
     """CPU seconds (one core) to decode and preprocess one trajectory's I1 and I2 for the scorer."""
     pixels = sum(m.height * m.width for m in (cfg.draw_initial.model, cfg.draw_refined.model)) / (1024 * 1024)
@@ -236,6 +258,8 @@ def stage_rate(cfg: BuildConfig, name: str, res: ResourceConfig, max_prompt_char
     if kind == "image":
         forward_refine = name == "draw_refined" and cfg.strategy == "forward"
         return image_rate(stage_config(cfg, name).model, res, forward_refine, cfg.images.format)
+    if kind == "safety":
+        return safety_rate(cfg, res)
     return clip_rate(cfg, res)
 
 
