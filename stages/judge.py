@@ -7,7 +7,11 @@ One request per ok row: Image 1 (I1) then Image 2 (I2), then the instruction (`s
 under the row's seed for this stage; with structured outputs (`cfg.structured`, vLLM) the answer follows
 `judge_regex`, so it always parses. Outcomes:
 
-- the answer, as `Judgement.to_json()`, goes to the row's `judge` column, for kept and rejected rows alike;
+- the answer, as `Judgement.to_json()`, goes to the row's `judge` column, for kept and rejected rows alike (the
+  trajectory and the rejects/ line carry it);
+- the verdict combines CLIP's and the judge's: kept exactly when both keep it. The judge's reason is appended to
+  the CLIP verdict's: `verdict_reason` becomes `<CLIP's reason>; judge: <judge_verdict's reason>` (that reason
+  names the rule, the answer and the judge's own sentence), and `verdict` becomes `reject` when the rule rejects;
 - the rule rejects it: the row is `filtered` (permanent) with the reason `judge: <judge_verdict's reason>`;
 - the answer does not parse (possible without structured outputs: the transformers engine, `structured: false`):
   the row is `failed` (retried on the next run) with the parse error and the start of the text;
@@ -105,5 +109,8 @@ class JudgeStage(TextStage):
             judgement = replace(judgement, reason=judgement.reason.strip()[: self.cfg.max_reason_chars])
         batch["judge"][i] = judgement.to_json()
         keep, reason = judge_verdict(judgement, self.cfg.rule)
+        clip = batch["verdict_reason"][i]
+        batch["verdict_reason"][i] = f"{clip}; judge: {reason}" if clip else f"judge: {reason}"
+        batch["verdict"][i] = "accept" if keep else "reject"
         if not keep:
             raise StageError(f"judge: {reason}", status=FILTERED)

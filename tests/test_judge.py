@@ -238,6 +238,9 @@ def _batch() -> dict:
     colours = ("red", "blue")
     batch["i1"] = [draw(colours[k % 2], "circle", 1 + k % 3, 64, k) for k in range(N)]
     batch["i2"] = [draw(colours[(k + 1) % 2], "square", 1 + (k + 1) % 3, 64, k) for k in range(N)]
+    # As the CLIP verdict leaves the rows it keeps (stages/score.py), the ones the judge sees.
+    batch["verdict"] = ["accept"] * N
+    batch["verdict_reason"] = [f"clip(I2)=0.{k}, test" for k in range(N)]
     return batch
 
 
@@ -256,12 +259,17 @@ def _check_judged(batch: dict, rows: list[int], stage: JudgeStage) -> list[bool]
         keep = KEEP[rule](j.i1_satisfies, j.i2_satisfies, j.better)
         keeps.append(keep)
         assert batch["status"][i] == (OK if keep else FILTERED), (i, rule, stored, batch["error"][i])
+        said = json.dumps(j.reason, ensure_ascii=False)
+        # The verdict is CLIP's and the judge's together: CLIP's reason, then the judge's naming the rule.
+        assert batch["verdict"][i] == ("accept" if keep else "reject"), i
+        prefix = f"clip(I2)=0.{i}, test; judge: rule {rule} {'holds' if keep else 'fails'}: "
+        assert batch["verdict_reason"][i].startswith(prefix) and batch["verdict_reason"][i].endswith(said), i
         if keep:
             assert batch["error"][i] is None and batch["stage"][i] is None
         else:
             assert batch["stage"][i] == "judge"
             assert batch["error"][i].startswith(f"judge: rule {rule} fails: "), batch["error"][i]
-            assert json.dumps(j.reason, ensure_ascii=False) in batch["error"][i]
+            assert batch["error"][i].endswith(said)
         assert "judge" in json.loads(batch["timings"][i])
         assert json.loads(batch["models"][i])["judge"] == stage.cfg.model
     return keeps
