@@ -48,7 +48,7 @@ class ImageSafetyEngine(Protocol):
     """What the safety stage needs of an engine."""
 
     model_name: str
-    license: str
+    license: str  # for the dataset card: the weights' license as far as the engine knows it
 
     def setup(self) -> None: ...
 
@@ -94,12 +94,15 @@ class OpenNsfw:
     """Yahoo's Open-NSFW on ONNX Runtime: one session, `threads` intra-op threads, and as many decode and
     preprocessing threads that run ahead of it (both sides mostly release the GIL)."""
 
-    license = "BSD-2-Clause (Yahoo Open-NSFW weights, Copyright 2016 Yahoo Inc.)"
-
     def __init__(self, cfg: ImageSafetyConfig, batch_size: int = 16) -> None:
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.cfg = cfg
+        self.license = (
+            "BSD-2-Clause (Yahoo Open-NSFW weights, Copyright 2016 Yahoo Inc.)"
+            if cfg.model == BUNDLED_OPEN_NSFW
+            else "unknown: a user-supplied ONNX file (see where it came from)"
+        )
         self.batch_size = batch_size
         self.threads = cfg.threads or default_threads()
         self.model_name = safety_model_name(cfg)
@@ -190,12 +193,16 @@ class ClipConcepts:
     """Zero-shot image safety with open_clip: P(unsafe) = the softmax mass, at the model's logit scale, on the
     unsafe-concept prompts among [concept prompts..., safe anchor prompts...] (`PROMPT_TEMPLATE`)."""
 
-    license = "the open_clip model's license (see its model card)"
-
     def __init__(self, cfg: ImageSafetyConfig, device: str = "auto") -> None:
         if not cfg.concepts:
             raise ValueError("safety.model.concepts: engine 'clip' needs at least one unsafe concept")
         self.cfg = cfg
+        if cfg.model.startswith(TINY_PREFIX):
+            self.license = "test weights built by irgl (random, meaningless scores)"
+        elif cfg.pretrained == "openai":
+            self.license = "MIT (OpenAI CLIP weights)"
+        else:
+            self.license = f"see the model card of the open_clip weights {cfg.model}/{cfg.pretrained}"
         self.model_name = safety_model_name(cfg)
         self._device = device
         self._scorer: ClipScorer | None = None
