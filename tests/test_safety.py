@@ -210,7 +210,7 @@ def test_stage_threshold_between_filters_exactly_the_rows_at_or_above(
 
 def test_stage_threshold_equal_to_a_score_filters_that_image(nsfw: OpenNsfw) -> None:
     # "At or above": the engine's own score of row 0's I2 (same batch, same session: the same float) as threshold.
-    first = SafetyStage(ImageSafetyConfig(threshold=2.0), engine=nsfw)(_pair_batch())
+    first = SafetyStage(ImageSafetyConfig(threshold=1.0), engine=nsfw)(_pair_batch())
     threshold = first["safety_i2"][0]
     batch = SafetyStage(ImageSafetyConfig(threshold=threshold), engine=nsfw)(_pair_batch())
     assert batch["safety_i2"][0] == threshold
@@ -228,7 +228,7 @@ def test_stage_corrupt_image_fails_only_its_row(nsfw: OpenNsfw, direct_scores: d
         if name != "status":
             batch[name].append(None)
     batch["id"][-1] = "earlier"
-    stage = SafetyStage(ImageSafetyConfig(threshold=1.5), engine=nsfw)
+    stage = SafetyStage(ImageSafetyConfig(threshold=1.0), engine=nsfw)
     batch = stage(batch)
     assert batch["status"] == [OK, FAILED, OK, FILTERED]
     assert batch["stage"][1] == "safety"
