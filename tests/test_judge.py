@@ -360,3 +360,18 @@ def test_transformers_fallback_in_a_plain_loop(tiny_vlm_path) -> None:
                 assert batch["status"][i] == (OK if KEEP[rule](j.i1_satisfies, j.i2_satisfies, j.better) else FILTERED)
     finally:
         stage.engine.close()
+
+
+@pytest.mark.slow
+def test_injected_faults_fail_the_documented_rows(vlm_engine, tiny_vlm_config) -> None:
+    """fault_injection.judge: a row fails exactly when random.Random(f"{row_id}:judge").random() < rate (the
+    documented rule, recomputed here); the other rows are judged as usual."""
+    rate, rule = 0.5, "i2_satisfies"
+    stage = JudgeStage(_judge_config(tiny_vlm_config, rule=rule), fault_rate=rate, engine=vlm_engine)
+    batch = stage(_batch())
+    hit = [i for i in range(N) if random.Random(f"row{i}:judge").random() < rate]
+    assert 0 < len(hit) < N
+    for i in hit:
+        assert (batch["status"][i], batch["stage"][i]) == (FAILED, "judge")
+        assert batch["error"][i] == f"injected fault (fault_rate={rate})"
+    _check_judged(batch, [i for i in range(N) if i not in hit], stage)
