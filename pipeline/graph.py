@@ -16,7 +16,7 @@ from typing import Any
 
 from schemas.config import BuildConfig
 from schemas.modes import ModeOptions
-from schemas.stages import STAGE_NAMES, active_stages, model_id, model_label, model_stages, stage_config
+from schemas.stages import STAGE_NAMES, active_stages, model_id, model_label, stage_config
 from schemas.trajectory import trajectory_id
 from schemas.work import WORK_COLUMNS, Batch, new_row
 from stages.assemble import AssembleStage
@@ -122,7 +122,7 @@ def prebuild_tiny_models(cfg: BuildConfig) -> None:
     from schemas.local import TINY_PREFIX
     from stages.tiny import tiny_path
 
-    names = {model_id(cfg, s.name) for s in model_stages() if stage_config(cfg, s.name) is not None}
+    names = {model_id(cfg, s.name) for s in active_stages(cfg) if s.has_model}
     for name in sorted(n for n in names if n and n.startswith(TINY_PREFIX)):
         tiny_path(name)
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import pyarrow.parquet as pq
 
+from pipeline.card import CURATION_FILTERS
 from pipeline.fsio import write_atomic
 from schemas.reflection import HEADINGS, ReflectionError, parse_reflection, strip_think
 from schemas.stages import STAGE_NAMES, stage_info, stage_order
@@ -164,7 +165,8 @@ def render(data: dict[str, Any]) -> str:
         f"<tr><td>{_e(name)}</td><td>{_e(f.get('model') or '') if f.get('enabled') else 'off'}</td>"
         f"<td>{_e(f.get('rule') or f.get('threshold', ''))}</td><td>{f.get('checked', '')}</td>"
         f"<td>{f.get('removed', 0)}</td></tr>"
-        for name, f in data.get("curation", {}).items()
+        for name, f in ((n, data.get("curation", {}).get(n)) for n in CURATION_FILTERS)
+        if f
     )
     mode_rows = "".join(f"<tr><td>{_e(m)}</td><td>{n}</td></tr>" for m, n in data["modes"].items())
     secs = data["stage_seconds"]

@@ -310,6 +310,22 @@ class ImageSafetyConfig(StrictModel):
         description="open_nsfw: intra-op threads of the ONNX session (None: the actor's CPUs). Performance only.",
     )  # fmt: skip
 
+    @model_validator(mode="after")
+    def _model_fits_engine(self) -> ImageSafetyConfig:
+        # Found at load, not inside an actor: an open_clip name for the ONNX engine or the reverse.
+        if self.engine == "open_nsfw" and not (self.model == "bundled:open-nsfw" or self.model.endswith(".onnx")):
+            raise ValueError(
+                f"model {self.model!r}: engine open_nsfw takes 'bundled:open-nsfw' or a path to an .onnx file"
+            )
+        if self.engine == "clip":
+            if self.model.startswith("bundled:") or self.model.endswith(".onnx"):
+                raise ValueError(f"model {self.model!r}: engine clip takes an open_clip model name (as score.model)")
+            for name in (self.model, self.pretrained):
+                kind = name.removeprefix(TINY_PREFIX)
+                if name.startswith(TINY_PREFIX) and kind != "clip":
+                    raise ValueError(f"tiny model {name!r} cannot serve here; use tiny:clip")
+        return self
+
 
 class SafetyStageConfig(StrictModel):
     enabled: bool = Field(True, description="Run the image safety stage.")

@@ -67,7 +67,18 @@ def test_report_renders_with_counts(built: Path, tmp_path: Path) -> None:
         assert re.search(rf"<td>{mode}</td><td>{n}</td>", dom), mode
     assert "<td>draw_refined</td><td>5</td>" in dom  # stage table: 5 rows in
     order = [m.group(1) for m in re.finditer(r"<tr><td>(\w+) ok</td>", dom)]
-    assert order == ["think", "draw_initial", "reflect", "draw_refined", "score", "assemble"]  # the funnel's order
+    assert order == ["think", "draw_initial", "reflect", "draw_refined", "safety", "score", "assemble"]  # funnel order
+    # The curation table: a row per filter, the image safety stage's rows in and removed as the stage counted them.
+    curation = manifest["build"]["curation"]
+    assert set(curation) == {"prompt_safety", "prompt_dedup", "image_safety", "judge", "image_dedup"}
+    table = re.search(r'<table id="curation">(.*?)</table>', dom, re.DOTALL).group(1)
+    rows = [m.group(1) for m in re.finditer(r"<tr><td>(\w+)</td>", table)]
+    assert rows == ["prompt_safety", "prompt_dedup", "image_safety", "judge", "image_dedup"]  # the card's order
+    safety = curation["image_safety"]
+    assert (safety["checked"], safety["removed"]) == (stages["safety"]["in"], stages["safety"]["filtered"])
+    assert f"<tr><td>image_safety</td><td>bundled:open-nsfw</td><td>0.8</td><td>{safety['checked']}</td>" in dom
+    assert "<tr><td>judge</td><td>off</td>" in dom
+    assert re.search(rf"<td>in the dataset [^<]*</td><td>{manifest['trajectories']}</td>", dom)
     assert dom.count('<img alt="" src="data:image/png;base64,') == 2 * kept  # I1 and I2 of every sample
     assert "Final Comprehensive Prompt for the Improved Image" in dom
     assert "stage-seconds" in dom and "cost per kept trajectory" in dom

@@ -155,8 +155,11 @@ def test_missing_model_file_is_an_error_naming_the_field(tmp_path) -> None:
     missing = tmp_path / "nope.onnx"
     with pytest.raises(FileNotFoundError, match=r"safety\.model\.model.*nope\.onnx"):
         open_image_safety(ImageSafetyConfig(model=str(missing)))
-    with pytest.raises(ValueError, match=r"safety\.model\.model.*engine 'clip'"):
-        open_image_safety(ImageSafetyConfig(engine="clip"))  # the default model is Open-NSFW's, not a CLIP
+    # A model that does not fit the engine is a config error at load (the default model is Open-NSFW's, not a CLIP).
+    with pytest.raises(ValueError, match=r"'bundled:open-nsfw': engine clip takes an open_clip model name"):
+        ImageSafetyConfig(engine="clip")
+    with pytest.raises(ValueError, match=r"'tiny:clip': engine open_nsfw takes 'bundled:open-nsfw' or a path"):
+        ImageSafetyConfig(model="tiny:clip")
 
 
 # --- the stage -------------------------------------------------------------------------------------------------

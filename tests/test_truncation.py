@@ -43,6 +43,8 @@ from stages.assemble import AssembleStage
 from stages.draw import DrawStage
 from stages.prompts import load_sources
 from stages.reflect import ReflectStage, reflect_instruction, reflect_instruction_hindsight
+from stages.engines.safety import open_image_safety
+from stages.safety import SafetyStage
 from stages.score import ScoreStage
 from stages.think import ThinkStage, think_instruction, think_instruction_hindsight
 
@@ -250,6 +252,7 @@ def test_capped_rows_are_counted_in_markers_manifest_and_report(
             DrawStage(cfg.draw_initial.model, "initial", engine=image_engine),
             ReflectStage(tiny_vlm_config.model_copy(update={"max_section_chars": MID}), engine=vlm_engine),
             DrawStage(cfg.draw_refined.model, "refined", engine=image_engine),
+            SafetyStage(cfg.safety.model, engine=open_image_safety(cfg.safety.model)),
             ScoreStage(cfg.score.model, engine=clip_scorer),
             AssembleStage(),
         ]

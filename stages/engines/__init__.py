@@ -1,5 +1,6 @@
 """Model engines behind small interfaces: text/VLM generation (vLLM, transformers), image generation (diffusers),
-image-text scoring (open_clip). Stages depend on these interfaces, not on a model or engine. No ray imports here.
+image-text scoring (open_clip), image safety (ONNX Runtime, open_clip), sentence embeddings
+(transformers). Stages depend on these interfaces, not on a model or engine. No ray imports here.
 """
 
 from typing import Any
@@ -33,3 +34,17 @@ def open_scorer(cfg: Any) -> Any:
     scorer = ClipScorer(resolve_score(cfg))
     scorer.setup()
     return scorer
+
+
+def open_image_safety(cfg: Any) -> Any:
+    """A set-up image safety engine (Open-NSFW on ONNX Runtime, or CLIP zero-shot) for an ImageSafetyConfig."""
+    from stages.engines.safety import open_image_safety as open_safety
+
+    return open_safety(cfg)
+
+
+def open_sentence_embedder(cfg: Any) -> Any:
+    """A set-up sentence embedder (the prompt filters') for an EmbedderConfig."""
+    from stages.engines.embed import open_embedder
+
+    return open_embedder(cfg)

