@@ -349,6 +349,13 @@ class JudgeModelConfig(TextModelConfig):
     temperature: float = Field(0.0, ge=0, description="Sampling temperature (0 = greedy, the judge's default).")
     max_reason_chars: int = Field(200, ge=16, description="Upper bound on the judge's reason (in the regex).")
 
+    @field_validator("max_images")
+    @classmethod
+    def _both_images(cls, value: int) -> int:
+        if value < 2:  # the judge is shown I1 and I2 in one request
+            raise ValueError(f"max_images={value}: the judge is shown I1 and I2 in one request; it needs at least 2")
+        return value
+
 
 class JudgeStageConfig(StrictModel):
     enabled: bool = Field(True, description="Run the VLM judge stage.")

@@ -65,7 +65,8 @@ class Trajectory:
     models: dict[str, str] = field(default_factory=dict)
     seeds: dict[str, int] = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
-    #: The VLM judge's answer and the rule it was applied with (schemas/judge.py); empty without a judge.
+    #: The VLM judge's answer (schemas/judge.py); empty without a judge. The rule it was applied with, and the
+    #: combined verdict, are in `verdict_reason`.
     judge: dict[str, Any] = field(default_factory=dict)
     #: The scorer's L2-normalised CLIP embedding of I2, float32 little-endian bytes (the near-duplicate pass over
     #: I2s reads it; no GPU needed to run that pass again). Empty when unknown.
