@@ -142,6 +142,10 @@ def _synthetic_stage(stage_name: str) -> type:
                 n = count - 1 if self.name == "draw_initial" else count
                 flat = draw(colour, shape, n, self.size, jitter=3 if n < count else 0, fmt="jpeg")
                 return _noisy(flat, seed + len(self.name), self.noise) if self.noise else flat
+            if self.name == "safety":
+                return (0.01, 0.01)  # both images safe
+            if self.name == "judge":
+                return '{"i1_satisfies": false, "i2_satisfies": true, "better": "2", "reason": "synthetic"}'
             return (0.21, 0.27, 0.9)  # score: I2 better than I1
 
         def store(self, batch: dict, i: int, result: object) -> None:
@@ -154,6 +158,10 @@ def _synthetic_stage(stage_name: str) -> type:
                 batch["i1"][i] = result
             elif self.name == "draw_refined":
                 batch["i2"][i] = result
+            elif self.name == "safety":
+                batch["safety_i1"][i], batch["safety_i2"][i] = result
+            elif self.name == "judge":
+                batch["judge"][i] = result
             else:
                 batch["clip_i1"][i], batch["clip_i2"][i], batch["clip_i1_i2"][i] = result
                 batch["verdict"][i], batch["verdict_reason"][i] = "accept", "synthetic"
@@ -183,5 +191,8 @@ def synthetic_graph(cfg: object, size: int = 1024, noise: int = 8, draw_cpus: fl
     return specs
 
 
-_SYNTHETIC = {name: _synthetic_stage(name) for name in ("think", "draw_initial", "reflect", "draw_refined", "score")}
+_SYNTHETIC = {
+    name: _synthetic_stage(name)
+    for name in ("think", "draw_initial", "reflect", "draw_refined", "safety", "score", "judge")
+}
 globals().update({cls.__name__: cls for cls in _SYNTHETIC.values()})  # importable by name in Ray workers
