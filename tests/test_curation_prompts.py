@@ -6,8 +6,8 @@ tests/data/paraphrases.jsonl is a held-out-style prompt file: GenEval-like disti
 them placed later in the file (each marked with `near_duplicate_of`: the 1-based line it paraphrases), and a chain
 (clock lines at the end: A ~ B, B ~ C, A !~ C) where the rule keeps A and C. At the test threshold 0.92 the
 paraphrases' cosines are >= 0.939 and every pair of lines that must both stay is <= 0.903 (measured while writing
-the file). Note what the file avoids: MiniLM cannot tell "a cat above a dog" from "a cat below a dog" (0.99), so
-compositional prompts that differ only by a swapped position or attribute are near-duplicates to it.
+the file). MiniLM hardly tells "a cat above a dog" from "a cat below a dog" (0.99): such prompts are kept by the
+composition guard, tested on its own below.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from schemas.config import (
     PromptSafetyConfig,
     PromptSourceConfig,
 )
-from stages.curate_prompts import curate_prompts
+from stages.curate_prompts import composition, curate_prompts, same_composition
 from stages.engines.embed import EmbedderError, SentenceEmbedder, read_layout, resolve_model
 from stages.neardup import exact_pairs, ivf_pairs, keep_first, near_duplicate_pairs
 from stages.prompt_safety import PromptSafety, PromptSafetyError
@@ -168,6 +168,35 @@ def test_which_member_is_kept_follows_source_order(embedder: SentenceEmbedder) -
     dropped = {d["prompt"] for d in result.dropped}
     originals = {rows[r["near_duplicate_of"] - 1]["prompt"] for r in rows[:-3] if "near_duplicate_of" in r}
     assert dropped == originals | {rows[-2]["prompt"]}  # the originals, now second, go (and the chain's middle)
+
+
+SWAPS = [  # distinct GenEval-style prompts that MiniLM puts at cosine >= 0.95 (a position, colour or object swap)
+    ("a photo of a horse above a kite", "a photo of a horse below a kite"),
+    ("a photo of a bench to the left of a bowl", "a photo of a bench to the right of a bowl"),
+    ("a photo of a green teddy bear and an orange kite", "a photo of an orange kite and a green teddy bear"),
+    ("a photo of a kite to the right of a bird", "a photo of a bird to the right of a kite"),
+    ("a photo of two red clocks", "a photo of 3 red clocks"),
+    ("a photo of a red car and a blue bench", "a photo of a blue car and a red bench"),
+]
+
+
+def test_composition_words() -> None:
+    assert composition("A Red cup over TWO grey bowls, 3 forks under it") == ("red", "above", "2", "gray", "3", "below")
+    assert composition("a yellow umbrella above a green bench") == composition("a yellow umbrella over a green bench")
+    assert composition("a photo of a cat") == ()
+
+
+def test_composition_guard_keeps_swapped_prompts(embedder: SentenceEmbedder) -> None:
+    texts = [t for pair in SWAPS for t in pair] + ["a photo of a red apple", "a photograph of a red apple"]
+    x = embedder.embed(texts)
+    raw = near_duplicate_pairs(x, THRESHOLD)
+    swaps = {(2 * k, 2 * k + 1) for k in range(len(SWAPS))}
+    assert swaps <= {(i, j) for i, j, _ in raw}  # the embedder alone calls every swap a near-duplicate
+    arrays = tuple(np.array(a) for a in zip(*raw, strict=True))
+    assert [(i, j) for i, j in zip(*same_composition(texts, arrays)[:2], strict=True)] == [(12, 13)]
+    result = curate_prompts(_prompts(texts), _cfg(), PromptReport(read=len(texts), kept=len(texts)), embedder)
+    assert [d["prompt"] for d in result.dropped] == ["a photograph of a red apple"]
+    assert [p.text for p in result.kept] == texts[:-1]
 
 
 def test_keep_first_on_hand_made_pairs() -> None:
