@@ -19,8 +19,9 @@ Printed:
 - on the subset: brute force (the full n x n similarity matrix, the naive baseline), exact (blocked) and ivf, side
   by side: wall time, peak memory, pairs, recall of the brute-force pairs (goal >= 0.99).
 
-Peak memory is the largest resident set size (RSS, sampled every 5 ms by a thread) above the RSS at the start of the
-step: it sees numpy's and faiss' allocations alike.
+Each search runs in a fresh Python process (the rows loaded from a temporary .npy): its wall time, and its peak
+memory = the largest resident set size (RSS, sampled every 5 ms by a thread) above the RSS after loading the rows,
+which sees numpy's and faiss' allocations alike and no heap left over from an earlier step.
 """
 
 from __future__ import annotations
@@ -215,7 +216,42 @@ def row(name: str, wall: float, mib: float, pairs: int, dropped: int | str, rec:
     return f"  {name:<34} {wall:>9.2f} s {mib:>10.0f} MiB {pairs:>11,} {dropped!s:>9} {rec:>8}"
 
 
+STEPS = {
+    "ivf": lambda x, t, nprobe: ivf_arrays(x, t, nprobe=nprobe),
+    "exact": lambda x, t, nprobe: exact_arrays(x, t),
+    "brute": lambda x, t, nprobe: (*brute_force(x, t), None),
+}
+
+
+def child(step: str, data: Path, rows: int, threshold: float, nprobe: int, out: Path) -> None:
+    """One measured step in this fresh process: load the rows, then time the search and sample its peak RSS above
+    the RSS after loading (a fresh process: no heap left over from earlier steps hides the step's memory)."""
+    import json
+
+    x = np.ascontiguousarray(np.load(data)[:rows])
+    import faiss  # noqa: F401  (imported before the baseline, as numpy is)
+
+    (i, j, _), wall, mib = measure(lambda: STEPS[step](x, threshold, nprobe))
+    np.save(out, pair_keys(i, j, rows))
+    print(json.dumps({"wall": wall, "mib": mib}))
+
+
+def in_child(step: str, data: Path, rows: int, args: argparse.Namespace, tmp: Path) -> tuple[np.ndarray, float, float]:
+    """(pair keys i * rows + j, wall s, peak MiB) of `step` run by `child` in a new interpreter."""
+    import json
+    import subprocess
+
+    out = tmp / f"{step}-{rows}.npy"
+    cmd = [sys.executable, __file__, "--child", step, "--data", str(data), "--rows", str(rows)]
+    cmd += ["--threshold", str(args.threshold), "--nprobe", str(args.nprobe), "--child-out", str(out)]
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    stats = json.loads(res.stdout.strip().splitlines()[-1])
+    return np.load(out), stats["wall"], stats["mib"]
+
+
 def main() -> None:
+    import tempfile
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--subset", type=int, default=10_000)
@@ -225,11 +261,18 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/irgl-neardup-emb.npy"))
     parser.add_argument("--embed-rows", type=int, default=2000, help="prompts of the embedding-speed run (0: skip)")
     parser.add_argument("--skip-exact", action="store_true", help="no blocked exact search on all rows")
+    parser.add_argument("--child", choices=sorted(STEPS), help=argparse.SUPPRESS)
+    parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.child:
+        child(args.child, args.data, args.rows, args.threshold, args.nprobe, args.child_out)
+        return
 
     import faiss
 
     print(f"faiss {faiss.__version__}, {faiss.omp_get_max_threads()} OpenMP threads; numpy {np.__version__}")
+    prompts: list[str] = []
     if args.synthetic:
         x = synthetic(args.rows)
         print(f"{args.rows:,} synthetic unit vectors (d=384), 5% planted near-duplicates")
@@ -242,41 +285,59 @@ def main() -> None:
     n = len(x)
     t = args.threshold
     header = f"  {'search':<34} {'wall':>11} {'peak mem':>14} {'pairs':>11} {'dropped':>9} {'recall':>8}"
+    tmp = Path(tempfile.mkdtemp(prefix="irgl-bench-neardup-"))
+    data = tmp / "x.npy"
+    np.save(data, x)
+
+    def dropped(keys: np.ndarray, rows: int) -> int:
+        keep, _ = keep_first(rows, (keys // rows, keys % rows, np.ones(len(keys))))
+        return rows - sum(keep)
 
     print(f"\nall {n:,} rows, threshold {t}, ivf nlist {ivf_nlist(n)} nprobe {args.nprobe}")
     print(header)
-    (ii, ij, isim), wall, mib = measure(lambda: ivf_arrays(x, t, nprobe=args.nprobe))
-    (keep, _), kwall, _ = measure(lambda: keep_first(n, (ii, ij, isim)))
-    ivf_keys = pair_keys(ii, ij, n)
+    ivf_keys, wall, mib = in_child("ivf", data, n, args, tmp)
     if args.skip_exact:
-        print(row("ivf (faiss)", wall, mib, len(ii), n - sum(keep), "-"))
+        print(row("ivf (faiss)", wall, mib, len(ivf_keys), dropped(ivf_keys, n), "-"))
     else:
-        (ei, ej, _), ewall, emib = measure(lambda: exact_arrays(x, t))
-        exact_keys = pair_keys(ei, ej, n)
-        (ekeep, _), _, _ = measure(lambda: keep_first(n, (ei, ej, np.ones(len(ei)))))
-        print(row("exact (blocked all-pairs)", ewall, emib, len(ei), n - sum(ekeep), "1.0000"))
-        print(row("ivf (faiss)", wall, mib, len(ii), n - sum(keep), f"{recall(ivf_keys, exact_keys):.4f}"))
-    print(f"  keep_first on the ivf pairs: {kwall:.2f} s")
-    again = ivf_arrays(x, t, nprobe=args.nprobe)
-    same = np.array_equal(pair_keys(*again[:2], n), ivf_keys)
-    print(f"  ivf deterministic (a second run gives the same pairs): {same}")
+        exact_keys, ewall, emib = in_child("exact", data, n, args, tmp)
+        print(row("exact (blocked all-pairs)", ewall, emib, len(exact_keys), dropped(exact_keys, n), "1.00000"))
+        rec = recall(ivf_keys, exact_keys)
+        print(row("ivf (faiss)", wall, mib, len(ivf_keys), dropped(ivf_keys, n), f"{rec:.5f}"))
+    t0 = time.perf_counter()
+    dropped(ivf_keys, n)
+    print(f"  keep_first on the ivf pairs: {time.perf_counter() - t0:.2f} s")
+    again, _, _ = in_child("ivf", data, n, args, tmp)
+    print(
+        f"  ivf deterministic (a second run, another process, gives the same pairs): {np.array_equal(again, ivf_keys)}"
+    )
+    if prompts:
+        from stages.curate_prompts import same_composition
+
+        t0 = time.perf_counter()
+        gi, gj, _ = same_composition(prompts, (ivf_keys // n, ivf_keys % n, np.ones(len(ivf_keys))))
+        gwall = time.perf_counter() - t0
+        print(
+            f"  with curate_prompts' composition guard: {len(gi):,} pairs, {dropped(gi * n + gj, n):,} rows dropped "
+            f"(guard {gwall:.2f} s)"
+        )
 
     m = min(args.subset, n)
-    sub = np.ascontiguousarray(x[:m])
     print(f"\nsubset: the first {m:,} rows, threshold {t}, ivf nlist {ivf_nlist(m)} nprobe {args.nprobe}")
     print(header)
-    (bi, bj), bwall, bmib = measure(lambda: brute_force(sub, t))
-    truth = pair_keys(bi, bj, m)
-    print(row("brute force (full n x n matrix)", bwall, bmib, len(bi), "", "1.0000"))
-    (ei, ej, _), ewall, emib = measure(lambda: exact_arrays(sub, t))
-    print(row("exact (blocked all-pairs)", ewall, emib, len(ei), "", f"{recall(pair_keys(ei, ej, m), truth):.4f}"))
-    (si, sj, _), swall, smib = measure(lambda: ivf_arrays(sub, t, nprobe=args.nprobe))
-    rec = recall(pair_keys(si, sj, m), truth)
-    print(row("ivf (faiss)", swall, smib, len(si), "", f"{rec:.4f}"))
+    truth, bwall, bmib = in_child("brute", data, m, args, tmp)
+    print(row("brute force (full n x n matrix)", bwall, bmib, len(truth), dropped(truth, m), "1.00000"))
+    ekeys, ewall, emib = in_child("exact", data, m, args, tmp)
+    print(row("exact (blocked all-pairs)", ewall, emib, len(ekeys), dropped(ekeys, m), f"{recall(ekeys, truth):.5f}"))
+    skeys, swall, smib = in_child("ivf", data, m, args, tmp)
+    rec = recall(skeys, truth)
+    print(row("ivf (faiss)", swall, smib, len(skeys), dropped(skeys, m), f"{rec:.5f}"))
     print(
         f"  ivf vs brute force: {bwall / swall:.1f}x faster, {bmib / max(smib, 1):.1f}x less peak memory, "
-        f"recall {rec:.4f} (goal >= 0.99: {'met' if rec >= 0.99 else 'NOT met'})"
+        f"recall {rec:.5f} (goal >= 0.99: {'met' if rec >= 0.99 else 'NOT met'})"
     )
+    for f in tmp.iterdir():
+        f.unlink()
+    tmp.rmdir()
 
 
 if __name__ == "__main__":

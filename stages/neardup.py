@@ -26,6 +26,8 @@ from typing import Any
 AUTO_EXACT_BELOW = 20_000
 #: Floats of the similarity block in the exact search (x4 bytes): 2^25 floats = 128 MiB.
 EXACT_BLOCK_FLOATS = 1 << 25
+#: At most this many rows per block (the in-block square's mask is block^2 bytes).
+EXACT_MAX_BLOCK = 2048
 #: Seed of the ivf training sample and of faiss' k-means.
 IVF_SEED = 1234
 #: Training points per list for the coarse quantizer (faiss asks for at least 39).
@@ -70,13 +72,15 @@ def exact_arrays(emb: Any, threshold: float, block: int | None = None) -> tuple[
     x = _as_unit_rows(emb)
     n = x.shape[0]
     if block is None:
-        block = max(1, min(4096, EXACT_BLOCK_FLOATS // max(n, 1)))
+        block = max(1, min(EXACT_MAX_BLOCK, EXACT_BLOCK_FLOATS // max(n, 1)))
     parts_i, parts_j, parts_s = [], [], []
     for s in range(0, n, block):
         e = min(s + block, n)
         sims = x[s:e] @ x[s:].T  # (e - s, n - s): row s + a against columns s + b
-        # Only b > a (strictly later rows): mask the lower triangle and the diagonal of the in-block square.
-        sims[np.tril_indices(e - s, k=0, m=n - s)] = -np.inf
+        # Only b > a (strictly later rows): mask the lower triangle and the diagonal of the in-block square (a
+        # boolean mask of block^2 bytes, not the 16 block^2 bytes of tril_indices).
+        square = sims[:, : e - s]
+        square[np.tri(e - s, dtype=bool)] = -np.inf
         a, b = np.nonzero(sims >= threshold)
         parts_i.append(a + s)
         parts_j.append(b + s)
