@@ -1,11 +1,11 @@
 """Benchmark: near-duplicate prompt search (stages/neardup.py) at 100,000 prompts, and against a brute-force all-pairs
 baseline on a 10,000 subset.
 
-    python bench/neardup.py [--rows 100000] [--subset 10000] [--threshold 0.9] [--nprobe 16]
+    python bench/neardup.py [--rows 100000] [--subset 10000] [--threshold 0.9] [--nprobe 16] [--repeats 2]
                             [--synthetic] [--cache /tmp/irgl-neardup-emb.npy] [--embed-rows 2000] [--skip-exact]
 
 Prompts: GenEval-like compositional prompts (stages.prompts' objects, colours, counts and positions) in eight styles
-and ten scenes, drawn with a fixed seed, all distinct; 5% of the rows are then replaced by a paraphrase of an
+and ten scenes, drawn with a fixed seed, all distinct, and about 5% of rows that paraphrase an
 earlier row (one word or phrase substituted: photo -> photograph, next to -> beside, ...). They are embedded with the
 bundled all-MiniLM-L6-v2 on this machine (the embeddings are cached in --cache, keyed by the prompts' hash, so a
 rerun measures the search only). --synthetic uses random unit vectors with planted near-duplicates instead (no model;
@@ -19,9 +19,13 @@ Printed:
 - on the subset: brute force (the full n x n similarity matrix, the naive baseline), exact (blocked) and ivf, side
   by side: wall time, peak memory, pairs, recall of the brute-force pairs (goal >= 0.99).
 
-Each search runs in a fresh Python process (the rows loaded from a temporary .npy): its wall time, and its peak
-memory = the largest resident set size (RSS, sampled every 5 ms by a thread) above the RSS after loading the rows,
-which sees numpy's and faiss' allocations alike and no heap left over from an earlier step.
+- on all rows, also: the pairs and dropped rows left after curate_prompts' composition guard (same count, colour and
+  position words; no word-order swaps), which the search itself does not apply.
+
+Each search runs in a fresh Python process (the rows loaded from a temporary .npy): its best wall time of --repeats
+runs, and the first run's peak memory = the largest resident set size (RSS, sampled every 5 ms by a thread) above
+the RSS after loading the rows, which sees numpy's and faiss' allocations alike and no heap left over from an
+earlier step.
 """
 
 from __future__ import annotations
@@ -223,7 +227,7 @@ STEPS = {
 }
 
 
-def child(step: str, data: Path, rows: int, threshold: float, nprobe: int, out: Path) -> None:
+def child(step: str, data: Path, rows: int, threshold: float, nprobe: int, out: Path, repeats: int) -> None:
     """One measured step in this fresh process: load the rows, then time the search and sample its peak RSS above
     the RSS after loading (a fresh process: no heap left over from earlier steps hides the step's memory)."""
     import json
@@ -232,6 +236,9 @@ def child(step: str, data: Path, rows: int, threshold: float, nprobe: int, out: 
     import faiss  # noqa: F401  (imported before the baseline, as numpy is)
 
     (i, j, _), wall, mib = measure(lambda: STEPS[step](x, threshold, nprobe))
+    for _ in range(repeats - 1):  # the best wall time of `repeats` (the first run also pays first-touch page faults)
+        _, again, _ = measure(lambda: STEPS[step](x, threshold, nprobe))
+        wall = min(wall, again)
     np.save(out, pair_keys(i, j, rows))
     print(json.dumps({"wall": wall, "mib": mib}))
 
@@ -244,6 +251,7 @@ def in_child(step: str, data: Path, rows: int, args: argparse.Namespace, tmp: Pa
     out = tmp / f"{step}-{rows}.npy"
     cmd = [sys.executable, __file__, "--child", step, "--data", str(data), "--rows", str(rows)]
     cmd += ["--threshold", str(args.threshold), "--nprobe", str(args.nprobe), "--child-out", str(out)]
+    cmd += ["--repeats", str(args.repeats)]
     res = subprocess.run(cmd, check=True, capture_output=True, text=True)
     stats = json.loads(res.stdout.strip().splitlines()[-1])
     return np.load(out), stats["wall"], stats["mib"]
@@ -261,12 +269,13 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/irgl-neardup-emb.npy"))
     parser.add_argument("--embed-rows", type=int, default=2000, help="prompts of the embedding-speed run (0: skip)")
     parser.add_argument("--skip-exact", action="store_true", help="no blocked exact search on all rows")
+    parser.add_argument("--repeats", type=int, default=2, help="runs of each search: best wall time, first's memory")
     parser.add_argument("--child", choices=sorted(STEPS), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--child-out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        child(args.child, args.data, args.rows, args.threshold, args.nprobe, args.child_out)
+        child(args.child, args.data, args.rows, args.threshold, args.nprobe, args.child_out, args.repeats)
         return
 
     import faiss
