@@ -190,3 +190,30 @@ def test_image_near_duplicates_leave_the_shards_and_a_rerun_rewrites_only_what_c
         "| near-duplicate prompts (cosine of sentence embeddings) | `bundled:all-MiniLM-L6-v2` | Apache-2.0" in section
     )
     assert "| 0.95 |  | 2 |" in section and "| prompt safety (before generation) |" in section
+
+
+def test_unsafe_images_are_filtered_at_the_safety_stage_and_counted(
+    tmp_path: Path, tiny_vlm_config, vlm_engine, image_engine, clip_scorer
+) -> None:
+    """Threshold 0: every image is at or above it, so every trajectory is filtered at the safety stage with its
+    scores in the reason; the counts reach the build result, the manifest and the card."""
+    cfg = _config(tmp_path, 0.9995)
+    strict = cfg.model_copy(update={"safety": cfg.safety.model_copy(update={"model": cfg.safety.model.model_copy(
+        update={"threshold": 0.0})})})  # fmt: skip
+    out = tmp_path / "strict"
+    result = build(strict, out, executor="local", stages=_stages(strict, tiny_vlm_config, vlm_engine, image_engine,
+                                                                 clip_scorer))  # fmt: skip
+    n = result.prompts.kept
+    assert result.stage_counts["safety"] == {"in": n, "ok": 0, "filtered": n, "failed": 0, "capped": 0}
+    rejects = [json.loads(x) for p in sorted((out / "rejects").glob("*.jsonl")) for x in p.read_text().splitlines()]
+    assert len(rejects) == n
+    for r in rejects:
+        s1, s2 = r["scores"]["safety_i1"], r["scores"]["safety_i2"]
+        assert (r["stage"], r["status"]) == ("safety", "filtered")
+        assert r["reason"] == (
+            f"unsafe image: I1 P(unsafe)={s1:.4f}, I2 P(unsafe)={s2:.4f} >= safety threshold 0.0 (open_nsfw)"
+        )
+    facts = json.loads((out / "manifest.json").read_text())["build"]["curation"]["image_safety"]
+    assert (facts["checked"], facts["removed"]) == (n, n) == (result.curation["image_safety"]["removed"], n)
+    assert "| image safety (I1 and I2) | `bundled:open-nsfw` | BSD-2-Clause" in (out / "README.md").read_text()
+    assert f"| 0.0 | {n} | {n} |" in (out / "README.md").read_text()
