@@ -19,8 +19,8 @@ Printed:
 - on the subset: brute force (the full n x n similarity matrix, the naive baseline), exact (blocked) and ivf, side
   by side: wall time, peak memory, pairs, recall of the brute-force pairs (goal >= 0.99).
 
-- on all rows, also: the pairs and dropped rows left after curate_prompts' composition guard (same count, colour and
-  position words; no word-order swaps), which the search itself does not apply.
+- on all rows, also: the pairs and dropped rows left after the compositional guard (stages/compositions.py, which
+  curate_prompts applies after the search), and the guard's time.
 
 Each search runs in a fresh Python process (the rows loaded from a temporary .npy): its best wall time of --repeats
 runs, and the first run's peak memory = the largest resident set size (RSS, sampled every 5 ms by a thread) above
@@ -320,13 +320,13 @@ def main() -> None:
         f"  ivf deterministic (a second run, another process, gives the same pairs): {np.array_equal(again, ivf_keys)}"
     )
     if prompts:
-        from stages.curate_prompts import same_composition
+        from stages.curate_prompts import guard_pairs
 
         t0 = time.perf_counter()
-        gi, gj, _ = same_composition(prompts, (ivf_keys // n, ivf_keys % n, np.ones(len(ivf_keys))))
+        gi, gj, _ = guard_pairs(prompts, (ivf_keys // n, ivf_keys % n, np.ones(len(ivf_keys))))
         gwall = time.perf_counter() - t0
         print(
-            f"  with curate_prompts' composition guard: {len(gi):,} pairs, {dropped(gi * n + gj, n):,} rows dropped "
+            f"  with the compositional guard: {len(gi):,} pairs, {dropped(gi * n + gj, n):,} rows dropped "
             f"(guard {gwall:.2f} s)"
         )
 

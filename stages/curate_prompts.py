@@ -6,24 +6,16 @@ L2-normalised sentence embeddings). Order and rule:
 1. Safety first: a prompt scoring at or above `prompt_safety.threshold` is dropped as `unsafe_prompt`. An unsafe
    prompt is thus never the kept member of a near-duplicate cluster.
 2. Near-duplicates among the remaining prompts: pairs with cosine >= `prompt_dedup.threshold`
-   (stages.neardup.near_duplicate_pairs) that pass the composition guard (below), then stages.neardup.keep_first:
-   in source order, a prompt is dropped as `near_duplicate` when it is a near-duplicate of an EARLIER KEPT prompt.
-
-The composition guard. Sentence embeddings hardly see word order or relation words: all-MiniLM-L6-v2 puts "a photo
-of a horse above a kite" and "... below a kite" at cosine 0.988, "a bench to the right of a bowl" and "... to the
-left of ..." at 0.995, "a cat to the left of a dog" and "a dog to the left of a cat" at 0.996, while real
-paraphrases ("photo" / "photograph", "asleep" / "sleeping") lie at 0.94-0.99: no threshold tells them apart. So a
-pair only counts when both prompts have the same `composition` (their count, colour and position words in order,
-synonyms folded: over -> above, 2 -> two, grey -> gray, ...) and are not the same words in another order. The guard
-only ever keeps more prompts than the threshold alone ("a red car and a blue bench" / "a blue bench and a red car"
-are both kept).
+   (stages.neardup.near_duplicate_pairs) that the compositional guard lets through (`protect_compositions`,
+   stages/compositions.py: the same counts, colours and positions, and not the same words in another order), then
+   stages.neardup.keep_first: in source order, a prompt is dropped as `near_duplicate` when it is a near-duplicate
+   of an EARLIER KEPT prompt.
 
 Every drop is counted in the PromptReport with its score and threshold. With both filters off nothing is loaded.
 """
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -42,59 +34,17 @@ class CurationResult:
     counts: dict[str, int] = field(default_factory=lambda: {UNSAFE: 0, NEAR_DUPLICATE: 0})
 
 
-COUNTS = {
-    "one": "1", "two": "2", "three": "3", "four": "4", "five": "5", "six": "6", "seven": "7", "eight": "8",
-    "nine": "9", "ten": "10", "eleven": "11", "twelve": "12", "single": "1", "pair": "2", "couple": "2",
-    "dozen": "12",
-}  # fmt: skip
-COLOUR_WORDS = (
-    "red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "gray", "silver",
-    "gold", "beige", "cyan", "magenta", "violet", "turquoise", "teal", "navy",
-)  # fmt: skip
-POSITION_WORDS = {
-    "left": "left", "right": "right", "above": "above", "over": "above", "atop": "above", "top": "above",
-    "below": "below", "under": "below", "underneath": "below", "beneath": "below", "bottom": "below",
-    "behind": "behind", "front": "front", "inside": "in", "outside": "out",
-}  # fmt: skip
-_WORD = re.compile(r"[a-z0-9]+")
-
-
-def composition(text: str) -> tuple[str, ...]:
-    """The count, colour and position words of a prompt, in order, synonyms folded ('a red cup over two bowls' ->
-    ('red', 'above', '2')). Two prompts with different compositions are never near-duplicates."""
-    out = []
-    for word in _WORD.findall(text.lower()):
-        if word.isdigit():
-            out.append(str(int(word)))
-        elif word in COUNTS:
-            out.append(COUNTS[word])
-        elif word in COLOUR_WORDS:
-            out.append(word)
-        elif word == "grey":
-            out.append("gray")
-        elif word in POSITION_WORDS:
-            out.append(POSITION_WORDS[word])
-    return tuple(out)
-
-
-def same_composition(texts: list[str], pairs: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
-    """The pairs (arrays i, j, cosine) that may be near-duplicates by the composition guard: both texts have the
-    same composition(), and they are not the same words in another order ('a kite to the right of a bird' / 'a bird
-    to the right of a kite': a swap, not a paraphrase)."""
+def guard_pairs(texts: list[str], pairs: tuple[Any, Any, Any]) -> tuple[Any, Any, Any]:
+    """The pairs (arrays i, j, cosine) that the compositional guard (stages.compositions.same_composition) lets be
+    near-duplicates."""
     import numpy as np
 
-    comp: dict[tuple[str, ...], int] = {}
-    bags: dict[tuple[str, ...], int] = {}
-    seqs: dict[tuple[str, ...], int] = {}
-    c_id, b_id, s_id = [], [], []
-    for t in texts:
-        words = tuple(_WORD.findall(t.lower()))
-        c_id.append(comp.setdefault(composition(t), len(comp)))
-        b_id.append(bags.setdefault(tuple(sorted(words)), len(bags)))
-        s_id.append(seqs.setdefault(words, len(seqs)))
-    c, b, q = (np.array(a, dtype=np.int64) for a in (c_id, b_id, s_id))
+    from stages.compositions import same_composition
+
     i, j, sim = pairs
-    ok = (c[i] == c[j]) & ~((b[i] == b[j]) & (q[i] != q[j]))
+    ok = np.fromiter(
+        (same_composition(texts[a], texts[b]) for a, b in zip(i.tolist(), j.tolist(), strict=True)), bool, len(i)
+    )
     return i[ok], j[ok], sim[ok]
 
 
@@ -140,8 +90,8 @@ def curate_prompts(
 
         rest = [k for k in range(len(prompts)) if k not in drop]
         pairs = near_duplicate_arrays(emb[rest], dedup_cfg.threshold, dedup_cfg.search, dedup_cfg.nprobe)
-        if getattr(dedup_cfg, "composition_guard", True):
-            pairs = same_composition([texts[k] for k in rest], pairs)
+        if dedup_cfg.protect_compositions:
+            pairs = guard_pairs([texts[k] for k in rest], pairs)
         _, duplicate_of = keep_first(len(rest), pairs)
         for j, (i, sim) in duplicate_of.items():
             first = prompts[rest[i]].where

@@ -6,8 +6,10 @@ tests/data/paraphrases.jsonl is a held-out-style prompt file: GenEval-like disti
 them placed later in the file (each marked with `near_duplicate_of`: the 1-based line it paraphrases), and a chain
 (clock lines at the end: A ~ B, B ~ C, A !~ C) where the rule keeps A and C. At the test threshold 0.92 the
 paraphrases' cosines are >= 0.939 and every pair of lines that must both stay is <= 0.903 (measured while writing
-the file). MiniLM hardly tells "a cat above a dog" from "a cat below a dog" (0.99): such prompts are kept by the
-composition guard, tested on its own below.
+the file). Three paraphrases swap a position word for a synonym (over / above, beside / next to); they are marked
+`guard_keeps`: the compositional guard (stages/compositions.py, `protect_compositions`) reads them as different
+positions and keeps them. MiniLM hardly tells "a cat above a dog" from "a cat below a dog" (0.99): such prompts are
+kept by the guard, tested on its own below.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from schemas.config import (
     PromptSafetyConfig,
     PromptSourceConfig,
 )
-from stages.curate_prompts import composition, curate_prompts, same_composition
+from stages.curate_prompts import curate_prompts, guard_pairs
 from stages.engines.embed import EmbedderError, SentenceEmbedder, read_layout, resolve_model
 from stages.neardup import exact_pairs, ivf_pairs, keep_first, near_duplicate_pairs
 from stages.prompt_safety import PromptSafety, PromptSafetyError
@@ -58,11 +60,11 @@ def embedder() -> SentenceEmbedder:
     return emb
 
 
-def _cfg(safety: bool = False, dedup: bool = True, **safety_kw) -> CurationConfig:
+def _cfg(safety: bool = False, dedup: bool = True, guard: bool = True, **safety_kw) -> CurationConfig:
     return CurationConfig(
         embedder=EmbedderConfig(model=BUNDLED, device="cpu"),
         prompt_safety=PromptSafetyConfig(enabled=safety, **safety_kw),
-        prompt_dedup=PromptDedupConfig(enabled=dedup, threshold=THRESHOLD, search="exact"),
+        prompt_dedup=PromptDedupConfig(enabled=dedup, threshold=THRESHOLD, search="exact", protect_compositions=guard),
     )
 
 
@@ -130,14 +132,19 @@ def _file_rows() -> list[dict]:
     return [json.loads(line) for line in DATA.read_text().splitlines()]
 
 
-def test_paraphrases_removed_distinct_kept(embedder: SentenceEmbedder) -> None:
+@pytest.mark.parametrize("guard", [False, True], ids=["threshold-only", "with-guard"])
+def test_paraphrases_removed_distinct_kept(embedder: SentenceEmbedder, guard: bool) -> None:
     rows = _file_rows()
     prompts, report = load_prompts(PromptSourceConfig(kind="jsonl", path=str(DATA)))
     assert len(prompts) == len(rows) == report.kept
-    result = curate_prompts(prompts, _cfg(), report, embedder=embedder)
+    result = curate_prompts(prompts, _cfg(guard=guard), report, embedder=embedder)
 
-    expected_drop = {k + 1: r["near_duplicate_of"] for k, r in enumerate(rows) if "near_duplicate_of" in r}
-    assert len(expected_drop) >= 15
+    expected_drop = {
+        k + 1: r["near_duplicate_of"]
+        for k, r in enumerate(rows)
+        if "near_duplicate_of" in r and not (guard and r.get("guard_keeps"))
+    }
+    assert len(expected_drop) >= (12 if guard else 15)
     kept_lines = [int(p.where.rsplit(":", 1)[1]) for p in result.kept]
     assert kept_lines == [n for n in range(1, len(rows) + 1) if n not in expected_drop]  # source order
     assert {int(d["where"].rsplit(":", 1)[1]): int(d["duplicate_of"].rsplit(":", 1)[1]) for d in result.dropped} == (
@@ -164,7 +171,8 @@ def test_which_member_is_kept_follows_source_order(embedder: SentenceEmbedder) -
             i = r["near_duplicate_of"] - 1
             texts[i], texts[k] = texts[k], texts[i]
     prompts = _prompts(texts)
-    result = curate_prompts(prompts, _cfg(), PromptReport(read=len(texts), kept=len(texts)), embedder=embedder)
+    report = PromptReport(read=len(texts), kept=len(texts))
+    result = curate_prompts(prompts, _cfg(guard=False), report, embedder=embedder)
     dropped = {d["prompt"] for d in result.dropped}
     originals = {rows[r["near_duplicate_of"] - 1]["prompt"] for r in rows[:-3] if "near_duplicate_of" in r}
     assert dropped == originals | {rows[-2]["prompt"]}  # the originals, now second, go (and the chain's middle)
@@ -180,12 +188,6 @@ SWAPS = [  # distinct GenEval-style prompts that MiniLM puts at cosine >= 0.95 (
 ]
 
 
-def test_composition_words() -> None:
-    assert composition("A Red cup over TWO grey bowls, 3 forks under it") == ("red", "above", "2", "gray", "3", "below")
-    assert composition("a yellow umbrella above a green bench") == composition("a yellow umbrella over a green bench")
-    assert composition("a photo of a cat") == ()
-
-
 def test_composition_guard_keeps_swapped_prompts(embedder: SentenceEmbedder) -> None:
     texts = [t for pair in SWAPS for t in pair] + ["a photo of a red apple", "a photograph of a red apple"]
     x = embedder.embed(texts)
@@ -193,10 +195,14 @@ def test_composition_guard_keeps_swapped_prompts(embedder: SentenceEmbedder) -> 
     swaps = {(2 * k, 2 * k + 1) for k in range(len(SWAPS))}
     assert swaps <= {(i, j) for i, j, _ in raw}  # the embedder alone calls every swap a near-duplicate
     arrays = tuple(np.array(a) for a in zip(*raw, strict=True))
-    assert [(i, j) for i, j in zip(*same_composition(texts, arrays)[:2], strict=True)] == [(12, 13)]
+    assert [(i, j) for i, j in zip(*guard_pairs(texts, arrays)[:2], strict=True)] == [(12, 13)]
     result = curate_prompts(_prompts(texts), _cfg(), PromptReport(read=len(texts), kept=len(texts)), embedder)
     assert [d["prompt"] for d in result.dropped] == ["a photograph of a red apple"]
     assert [p.text for p in result.kept] == texts[:-1]
+    # protect_compositions off: the threshold alone drops the second of every swap
+    report = PromptReport(read=len(texts), kept=len(texts))
+    result = curate_prompts(_prompts(texts), _cfg(guard=False), report, embedder)
+    assert [d["prompt"] for d in result.dropped] == [b for _, b in SWAPS] + ["a photograph of a red apple"]
 
 
 def test_keep_first_on_hand_made_pairs() -> None:
