@@ -1,7 +1,7 @@
 """Benchmark: near-duplicate prompt search (stages/neardup.py) at 100,000 prompts, and against a brute-force all-pairs
 baseline on a 10,000 subset.
 
-    python bench/neardup.py [--rows 100000] [--subset 10000] [--threshold 0.9] [--nprobe 16] [--repeats 2]
+    python bench/neardup.py [--rows 100000] [--subset 10000] [--threshold 0.95] [--nprobe 16] [--repeats 2]
                             [--synthetic] [--cache /tmp/irgl-neardup-emb.npy] [--embed-rows 2000] [--skip-exact]
 
 Prompts: GenEval-like compositional prompts (stages.prompts' objects, colours, counts and positions) in eight styles
@@ -48,6 +48,7 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import numpy as np  # noqa: E402
 
+from schemas.config import PromptDedupConfig  # noqa: E402
 from stages.neardup import exact_arrays, ivf_arrays, ivf_nlist, keep_first  # noqa: E402
 from stages.prompts import COLOURS, COUNT_WORDS, OBJECTS, POSITIONS, _plural  # noqa: E402
 
@@ -263,7 +264,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--subset", type=int, default=10_000)
-    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--threshold", type=float, default=PromptDedupConfig().threshold, help="default: the config's")
     parser.add_argument("--nprobe", type=int, default=16)
     parser.add_argument("--synthetic", action="store_true", help="random vectors with planted near-duplicates")
     parser.add_argument("--cache", type=Path, default=Path("/tmp/irgl-neardup-emb.npy"))
