@@ -9,7 +9,8 @@ of a stop sign above a fork" 0.980 - all above a real paraphrase ("a photo of tw
 is trained to get right, so dropping them as duplicates would remove the data the method needs.
 
 The rule (`same_composition`): a pair stays a near-duplicate candidate only when
-1. both prompts hold the same multiset of protected words (counts, colours, spatial relations: the lists below), and
+1. both prompts hold the same multiset of protected words (counts, colours, spatial relations: the lists below,
+   synonyms folded: "over" = "above", "2" = "two"), and
 2. they are not the same words in another order (a swap of objects around a relation, or of colours between
    objects, changes the composition but not the bag of words).
 """
@@ -28,10 +29,18 @@ COLOUR_WORDS = frozenset(
     "silver navy teal turquoise maroon crimson".split()
 )
 POSITION_WORDS = frozenset(
-    "left right above below under over behind front beside near next top bottom inside outside between on".split()
+    "left right above below under over behind front beside near next top bottom inside outside between on atop "
+    "beneath underneath".split()
 )
 #: Every protected word; a digit run (a count written as a number) is protected too.
 PROTECTED = COUNT_WORDS | COLOUR_WORDS | POSITION_WORDS
+#: Words that ask for the same thing, folded before comparing, so that a paraphrase using the other word is still a
+#: near-duplicate ("a lamp over a table" / "a lamp above a table").
+SYNONYMS: dict[str, str] = {
+    "over": "above", "atop": "above", "under": "below", "beneath": "below", "underneath": "below",
+    "beside": "next", "grey": "gray", "golden": "gold", "single": "one",
+    **{str(n): w for n, w in enumerate("zero one two three four five six seven eight nine ten eleven twelve".split())},
+}  # fmt: skip
 
 _WORD = re.compile(r"\w+")
 
@@ -41,8 +50,8 @@ def _words(text: str) -> list[str]:
 
 
 def protected_words(text: str) -> Counter:
-    """The multiset of counts, colours and positions a prompt asks for."""
-    return Counter(w for w in _words(text) if w in PROTECTED or w.isdigit())
+    """The multiset of counts, colours and positions a prompt asks for (synonyms folded: `SYNONYMS`)."""
+    return Counter(SYNONYMS.get(w, w) for w in _words(text) if w in PROTECTED or w.isdigit())
 
 
 def same_composition(a: str, b: str) -> bool:

@@ -6,10 +6,10 @@ tests/data/paraphrases.jsonl is a held-out-style prompt file: GenEval-like disti
 them placed later in the file (each marked with `near_duplicate_of`: the 1-based line it paraphrases), and a chain
 (clock lines at the end: A ~ B, B ~ C, A !~ C) where the rule keeps A and C. At the test threshold 0.92 the
 paraphrases' cosines are >= 0.939 and every pair of lines that must both stay is <= 0.903 (measured while writing
-the file). Three paraphrases swap a position word for a synonym (over / above, beside / next to); they are marked
-`guard_keeps`: the compositional guard (stages/compositions.py, `protect_compositions`) reads them as different
-positions and keeps them. MiniLM hardly tells "a cat above a dog" from "a cat below a dog" (0.99): such prompts are
-kept by the guard, tested on its own below.
+the file). Three paraphrases swap a position word for a synonym (over / above, beside / next to): the compositional
+guard (stages/compositions.py, `protect_compositions`) folds those synonyms, so they are removed with the guard on
+too. MiniLM hardly tells "a cat above a dog" from "a cat below a dog" (0.99): such prompts are kept by the guard,
+tested on its own below.
 """
 
 from __future__ import annotations
@@ -139,12 +139,8 @@ def test_paraphrases_removed_distinct_kept(embedder: SentenceEmbedder, guard: bo
     assert len(prompts) == len(rows) == report.kept
     result = curate_prompts(prompts, _cfg(guard=guard), report, embedder=embedder)
 
-    expected_drop = {
-        k + 1: r["near_duplicate_of"]
-        for k, r in enumerate(rows)
-        if "near_duplicate_of" in r and not (guard and r.get("guard_keeps"))
-    }
-    assert len(expected_drop) >= (12 if guard else 15)
+    expected_drop = {k + 1: r["near_duplicate_of"] for k, r in enumerate(rows) if "near_duplicate_of" in r}
+    assert len(expected_drop) >= 15
     kept_lines = [int(p.where.rsplit(":", 1)[1]) for p in result.kept]
     assert kept_lines == [n for n in range(1, len(rows) + 1) if n not in expected_drop]  # source order
     assert {int(d["where"].rsplit(":", 1)[1]): int(d["duplicate_of"].rsplit(":", 1)[1]) for d in result.dropped} == (
