@@ -242,6 +242,12 @@ class PromptSafetyConfig(StrictModel):
     )
     threshold: float = Field(0.5, description="Drop prompts scoring at or above this.")
 
+    @model_validator(mode="after")
+    def _classifier_named(self) -> PromptSafetyConfig:
+        if self.enabled and self.engine == "classifier" and not self.classifier:
+            raise ValueError("engine classifier needs `classifier`: the Hub id or directory of a text classifier")
+        return self
+
 
 class PromptDedupConfig(StrictModel):
     """Semantic near-duplicate prompts (after the exact dedup): embeddings closer than `threshold` (cosine) are one

@@ -307,3 +307,35 @@ def test_every_tiny_builder_kind_serves_some_stage() -> None:
     assert cfg.think.model.model == "tiny:llm" and cfg.score.model.model == "tiny:clip"
     # Names that are not tiny names are left to the loaders (Hub ids, paths, open_clip names).
     load_build_config(TINY_PRESET, {"think.model.model": "Qwen/Qwen2.5-7B-Instruct", "score.model.model": "ViT-B-32"})
+
+
+@pytest.mark.parametrize(
+    ("overrides", "message"),
+    [
+        (
+            {"curation.prompt_safety.engine": "classifier"},
+            "field 'curation.prompt_safety': Value error, engine classifier needs `classifier`",
+        ),
+        (
+            {"safety.model.model": "tiny:clip"},
+            "field 'safety.model': Value error, model 'tiny:clip': engine open_nsfw "
+            "takes 'bundled:open-nsfw' or a path to an .onnx file",
+        ),
+        (
+            {"safety.model.engine": "clip"},
+            "field 'safety.model': Value error, model 'bundled:open-nsfw': engine clip takes an open_clip model name",
+        ),
+        ({"safety.model": {"engine": "clip", "model": "tiny:sd"}}, "tiny model 'tiny:sd' cannot serve here"),
+        (
+            {"judge": {"model": {"model": "tiny:vlm", "max_images": 1}}},
+            "field 'judge.model.max_images': Value error, max_images=1: the judge is shown I1 and I2 in one request",
+        ),
+        ({"curation.prompt_dedup.threshold": 1.5}, "field 'curation.prompt_dedup.threshold'"),
+    ],
+)
+def test_curation_config_mistakes_fail_at_load(overrides: dict, message: str) -> None:
+    """A curation model that cannot serve its engine, a classifier engine without a classifier, a judge that cannot
+    see both images: config errors naming the field, before anything loads."""
+    with pytest.raises(ConfigError) as err:
+        load_build_config(TINY_PRESET, overrides)
+    assert message in str(err.value), str(err.value)
