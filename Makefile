@@ -70,6 +70,8 @@ bench: install
 	$(PY) bench/score.py
 	$(PY) bench/scale.py
 	$(PY) bench/generate.py
+	$(PY) bench/neardup.py
+	$(PY) bench/safety.py
 
 clean:
 	rm -rf $(VENV) out .pytest_cache
