@@ -143,7 +143,8 @@ def build(
 
     `progress(unit, marker)` is called as each unit is finished (its shards written); if it has a
     `start(units_to_run)` method, that is called once before the stages start (pipeline.logs.UnitProgress prints
-    k/N, elapsed and ETA). `log_dir`: the stage actors write their stdout/stderr (engine logs) there instead of to
+    k/N, elapsed and ETA); its `echo(text)`, if any, gets the curation passes' lines (prompts embedded k/N, what
+    the prompt filters and the I2 near-duplicate pass removed). `log_dir`: the stage actors write their stdout/stderr (engine logs) there instead of to
     Ray's console stream (pipeline/logs.py).
 
     `stages` (local executor only) passes set-up stage objects in graph order, e.g. to reuse loaded engines
@@ -188,7 +189,7 @@ def _build(
     state = {"generation_hash": gen_hash, "config": redact_obj(dump, secrets)}
     write_atomic(out / STATE_DIR / BUILD_STATE, json.dumps(state, indent=1, sort_keys=True).encode())
     # Prompt safety and near-duplicates: on this machine, before any unit exists (no GPU works on a dropped prompt).
-    prompts = curate_prompt_list(prompts, cfg.curation, report, out)
+    prompts = curate_prompt_list(prompts, cfg.curation, report, out, echo=getattr(progress, "echo", None))
     write_atomic(out / STATE_DIR / "prompts.json", json.dumps({**report.as_dict(), "problems": report.problems[:1000]},
                                                                indent=1, ensure_ascii=False).encode())  # fmt: skip
     # Rows are made unit by unit; only the ids of each unit stay (the marker check and the files' order need them).
@@ -272,7 +273,7 @@ def _build(
             if spool.open_units:
                 raise BuildError(f"the stage stream ended with {spool.open_units} unfinished units: rows were lost")
         landed(wait=True)
-        images = _leave_out_image_duplicates(cfg, out, markers, writers, shard_config)
+        images = _leave_out_image_duplicates(cfg, out, markers, writers, shard_config, getattr(progress, "echo", None))
     finally:
         writers.close()
 
@@ -315,7 +316,12 @@ def _build(
 
 
 def _leave_out_image_duplicates(
-    cfg: BuildConfig, out: Path, markers: dict[int, dict[str, Any]], writers: UnitWriters, shard_config: dict[str, Any]
+    cfg: BuildConfig,
+    out: Path,
+    markers: dict[int, dict[str, Any]],
+    writers: UnitWriters,
+    shard_config: dict[str, Any],
+    echo: Any = None,
 ) -> dict[str, Any] | None:
     """The near-duplicate pass over I2 (pipeline/curation.py), after every unit has landed: the units whose shards
     hold a trajectory to leave out, or leave out one that is no longer a duplicate, get them written again (in the
@@ -326,6 +332,8 @@ def _leave_out_image_duplicates(
         images = image_duplicates(out, sorted(markers), cfg.curation.image_dedup)
         removed = images["removed"]
         log.info("I2 near-duplicates: %d of %d trajectories leave the shards", len(removed), images["checked"])
+        if echo is not None:
+            echo(f"I2 near-duplicates: {len(removed)} of {images['checked']} trajectories leave the shards")
     stale = 0
     for unit in sorted(markers):
         exclude = [i for i in markers[unit]["ids"] if i in removed]

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +60,12 @@ def _prompt_key(prompts: list[Prompt], cfg: CurationConfig) -> str:
 
 
 def curate_prompt_list(
-    prompts: list[Prompt], cfg: CurationConfig, report: PromptReport, out: Path | None = None, embedder: Any = None
+    prompts: list[Prompt],
+    cfg: CurationConfig,
+    report: PromptReport,
+    out: Path | None = None,
+    embedder: Any = None,
+    echo: Callable[[str], None] | None = None,
 ) -> list[Prompt]:
     """The prompts that pass the prompt filters, in source order; every dropped one is counted in `report` (reasons
     `unsafe_prompt`, `near_duplicate`, with the score in its problem line). With `out`, decisions are cached in
@@ -79,14 +85,40 @@ def curate_prompt_list(
         kept = [p for k, p in enumerate(prompts) if k not in drop]
         report.kept = len(kept)
         log.info("prompt curation: %d prompts dropped (decisions of an earlier run, %s)", len(drop), path)
+        if echo is not None:
+            echo(f"prompt filters: {len(drop)} of {len(prompts)} dropped (the decisions of an earlier run: {path})")
         return kept
     from stages.curate_prompts import curate_prompts
 
-    result = curate_prompts(prompts, cfg, report, embedder=embedder)
+    result = curate_prompts(prompts, cfg, report, embedder=embedder, progress=_embedding_progress(len(prompts), echo))
+    if echo is not None:
+        echo(f"prompt filters: {result.counts.get('unsafe_prompt', 0)} unsafe, "
+             f"{result.counts.get('near_duplicate', 0)} near-duplicates dropped of {len(prompts)}")  # fmt: skip
     if path is not None:
         doc = {"key": key, "counts": result.counts, "dropped": result.dropped}
         write_atomic(path, json.dumps(doc, indent=1, ensure_ascii=False, sort_keys=True).encode("utf-8"))
     return result.kept
+
+
+def _embedding_progress(total: int, echo: Callable[[str], None] | None) -> Callable[[int], None] | None:
+    """A progress(n) callback printing `prompt filters: k/N prompts embedded | elapsed | ETA` about every 10 s (300K
+    prompts take minutes on a CPU driver), and when the last batch is done."""
+    if echo is None:
+        return None
+    import time
+
+    from pipeline.logs import Progress
+
+    bar = Progress(total, "prompts embedded")
+    last = [time.monotonic()]
+
+    def advance(n: int) -> None:
+        line = bar.advance(n)
+        if bar.done >= total or time.monotonic() - last[0] >= 10:
+            last[0] = time.monotonic()
+            echo(f"prompt filters: {line}")
+
+    return advance
 
 
 # ---------------------------------------------------------------------------------------------------------------

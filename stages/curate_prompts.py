@@ -16,6 +16,7 @@ Every drop is counted in the PromptReport with its score and threshold. With bot
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -54,7 +55,11 @@ def _needs_embedder(cfg: CurationConfig) -> bool:
 
 
 def curate_prompts(
-    prompts: list[Prompt], cfg: CurationConfig, report: PromptReport, embedder: Any = None
+    prompts: list[Prompt],
+    cfg: CurationConfig,
+    report: PromptReport,
+    embedder: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> CurationResult:
     """Apply the prompt filters of `cfg` to `prompts` (source order); drops go to `report` and `report.kept` becomes
     the number kept. `embedder`: a set-up SentenceEmbedder to reuse (else one is opened from `cfg.embedder` when a
@@ -70,7 +75,7 @@ def curate_prompts(
             from stages.engines.embed import open_embedder
 
             embedder = open_embedder(cfg.embedder)
-        emb = embedder.embed(texts)
+        emb = embedder.embed(texts, progress=progress)  # progress(n): n more prompts embedded
 
     drop: dict[int, dict[str, Any]] = {}
     if safety_cfg.enabled:

@@ -13,7 +13,7 @@ the cosine similarity, which is what the filters threshold.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -125,9 +125,9 @@ class SentenceEmbedder:
     def dim(self) -> int:
         return int(self._model.config.hidden_size)
 
-    def embed(self, texts: list[str]) -> Any:
+    def embed(self, texts: list[str], progress: Callable[[int], None] | None = None) -> Any:
         """Embed `texts` in batches of `batch_size`; batches are formed from texts sorted by length (less padding)
-        and the rows are put back in input order."""
+        and the rows are put back in input order. `progress(n)` is called after each batch with its row count."""
         import numpy as np
 
         if self._model is None:
@@ -155,6 +155,8 @@ class SentenceEmbedder:
                 # Always unit length, whatever the modules say: the filters compare by cosine = dot product.
                 pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
                 out[idx] = pooled.cpu().numpy()
+                if progress is not None:
+                    progress(len(idx))
         return out
 
 
