@@ -144,8 +144,10 @@ def build(
     `progress(unit, marker)` is called as each unit is finished (its shards written); if it has a
     `start(units_to_run)` method, that is called once before the stages start (pipeline.logs.UnitProgress prints
     k/N, elapsed and ETA); its `echo(text)`, if any, gets the curation passes' lines (prompts embedded k/N, what
-    the prompt filters and the I2 near-duplicate pass removed). `log_dir`: the stage actors write their stdout/stderr (engine logs) there instead of to
-    Ray's console stream (pipeline/logs.py).
+    the prompt filters and the I2 near-duplicate pass removed).
+
+    `log_dir`: the stage actors write their stdout/stderr (engine logs) there instead of to Ray's console stream
+    (pipeline/logs.py).
 
     `stages` (local executor only) passes set-up stage objects in graph order, e.g. to reuse loaded engines
     across builds in one process. `graph` replaces the configured stage graph (same names and order), e.g. by

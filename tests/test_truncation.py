@@ -41,9 +41,9 @@ from schemas.reflection import (
 from schemas.work import FAILED, OK
 from stages.assemble import AssembleStage
 from stages.draw import DrawStage
+from stages.engines.safety import open_image_safety
 from stages.prompts import load_sources
 from stages.reflect import ReflectStage, reflect_instruction, reflect_instruction_hindsight
-from stages.engines.safety import open_image_safety
 from stages.safety import SafetyStage
 from stages.score import ScoreStage
 from stages.think import ThinkStage, think_instruction, think_instruction_hindsight
