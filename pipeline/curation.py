@@ -177,19 +177,23 @@ def curation_facts(
     into the manifest (`build.curation`), the card's "Curation" section, the report and the build summary."""
     c = cfg.curation
     facts: dict[str, Any] = {}
+    unsafe, near = prompts.dropped.get("unsafe_prompt", 0), prompts.dropped.get("near_duplicate", 0)
+    entering = prompts.kept + unsafe + near  # the prompts that reached the filters (after the exact dedup)
     facts["prompt_safety"] = {
         "enabled": c.prompt_safety.enabled,
         "engine": c.prompt_safety.engine,
         "model": c.prompt_safety.classifier if c.prompt_safety.engine == "classifier" else c.embedder.model,
         "threshold": c.prompt_safety.threshold,
-        "removed": prompts.dropped.get("unsafe_prompt", 0),
+        "checked": entering if c.prompt_safety.enabled else 0,
+        "removed": unsafe,
     }
     facts["prompt_dedup"] = {
         "enabled": c.prompt_dedup.enabled,
         "model": c.embedder.model,
         "threshold": c.prompt_dedup.threshold,
         "search": c.prompt_dedup.search,
-        "removed": prompts.dropped.get("near_duplicate", 0),
+        "checked": entering - unsafe if c.prompt_dedup.enabled else 0,
+        "removed": near,
     }
     safety = cfg.safety
     on = stage_enabled(cfg, "safety")

@@ -189,7 +189,8 @@ def test_image_near_duplicates_leave_the_shards_and_a_rerun_rewrites_only_what_c
     assert (
         "| near-duplicate prompts (cosine of sentence embeddings) | `bundled:all-MiniLM-L6-v2` | Apache-2.0" in section
     )
-    assert "| 0.95 |  | 2 |" in section and "| prompt safety (before generation) |" in section
+    assert "| 0.95 | 9 | 2 |" in section  # 10 prompts, 1 unsafe: 9 reach the near-duplicate search
+    assert "| 0.5 | 10 | 1 |" in section and "| prompt safety (before generation) |" in section
 
 
 def test_unsafe_images_are_filtered_at_the_safety_stage_and_counted(
