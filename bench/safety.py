@@ -18,7 +18,6 @@ noisy. The scores of both sides are compared (equal within 1e-5, asserted). Goal
 from __future__ import annotations
 
 import argparse
-import io
 import os
 import sys
 import time
@@ -34,23 +33,10 @@ from stages.engines.safety import OpenNsfw  # noqa: E402
 
 
 def drawn_png(seed: int, size: int) -> bytes:
-    """A PIL-drawn picture as PNG: a smooth colour field, a dozen shapes and +-6 grain."""
-    import numpy as np
-    from PIL import Image, ImageDraw
+    """A PIL-drawn picture as PNG: a smooth colour field, a dozen shapes and +-6 grain (bench/score.py's)."""
+    from bench.score import drawn_image
 
-    rng = np.random.default_rng(seed)
-    img = Image.fromarray(rng.integers(0, 256, (6, 6, 3), dtype=np.uint8)).resize((size, size), Image.BICUBIC)
-    pen = ImageDraw.Draw(img)
-    for _ in range(12):
-        x, y = (int(v) for v in rng.integers(0, size, 2))
-        r = int(rng.integers(size // 30, size // 6))
-        colour = tuple(int(c) for c in rng.integers(0, 256, 3))
-        (pen.ellipse if rng.random() < 0.5 else pen.rectangle)((x - r, y - r, x + r, y + r), fill=colour)
-    grain = rng.integers(-6, 7, (size, size, 3), dtype=np.int16)
-    pixels = np.clip(np.asarray(img, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
-    buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="PNG")
-    return buf.getvalue()
+    return drawn_image(seed, size, "png")
 
 
 class Direct:

@@ -112,6 +112,11 @@ class OldScoreStage(ScoreStage):
 def drawn_jpeg(seed: int, size: int) -> bytes:
     """A PIL-drawn picture (smooth colour field, shapes, fine grain) as JPEG quality 95: ~0.3-0.6 MB at 1024 px,
     like a generated photo, so that decoding costs what it costs in a build."""
+    return drawn_image(seed, size, "jpeg")
+
+
+def drawn_image(seed: int, size: int, fmt: str) -> bytes:
+    """The PIL-drawn picture of `drawn_jpeg` as JPEG q95 (`fmt` "jpeg") or PNG ("png"); bench/safety.py uses it."""
     import numpy as np
     from PIL import Image, ImageDraw
 
@@ -126,7 +131,10 @@ def drawn_jpeg(seed: int, size: int) -> bytes:
     grain = rng.integers(-6, 7, (size, size, 3), dtype=np.int16)
     pixels = np.clip(np.asarray(img, dtype=np.int16) + grain, 0, 255).astype(np.uint8)
     buf = io.BytesIO()
-    Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
+    if fmt == "png":
+        Image.fromarray(pixels).save(buf, format="PNG")
+    else:
+        Image.fromarray(pixels).save(buf, format="JPEG", quality=95)
     return buf.getvalue()
 
 
