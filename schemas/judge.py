@@ -20,7 +20,7 @@ from typing import Literal
 
 # Shared with the T1/T2 templates: the whitespace `str.strip` removes (a reason may not start with it) and the
 # escaping of literals that every structured-output backend reads the same way.
-from schemas.reflection import _WHITESPACE, _literal
+from schemas.reflection import STRIPPED_WHITESPACE, regex_literal
 
 #: The answer's keys, in the only order the regex allows.
 KEYS: tuple[str, str, str, str] = ("i1_satisfies", "i2_satisfies", "better", "reason")
@@ -71,19 +71,19 @@ def judge_regex(max_reason_chars: int = 200) -> str:
     """The regular expression of a judge's answer (vLLM structured outputs): the `Judgement.to_json` layout, a
     reason of 1 to `max_reason_chars` characters that starts with a non-space and holds no `"`, backslash or
     control character. Every match parses with `parse_judgement`; `judge_regex_max_chars` bounds its length."""
-    reason = rf"[^{_WHITESPACE}{_REASON_EXCLUDED}][^{_REASON_EXCLUDED}]{{0,{max_reason_chars - 1}}}"
+    reason = rf"[^{STRIPPED_WHITESPACE}{_REASON_EXCLUDED}][^{_REASON_EXCLUDED}]{{0,{max_reason_chars - 1}}}"
     boolean = "(true|false)"
     better = "(" + "|".join(BETTER) + ")"
     return (
-        _literal('{"i1_satisfies": ')
+        regex_literal('{"i1_satisfies": ')
         + boolean
-        + _literal(', "i2_satisfies": ')
+        + regex_literal(', "i2_satisfies": ')
         + boolean
-        + _literal(', "better": "')
+        + regex_literal(', "better": "')
         + better
-        + _literal('", "reason": "')
+        + regex_literal('", "reason": "')
         + reason
-        + _literal('"}')
+        + regex_literal('"}')
     )
 
 

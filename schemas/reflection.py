@@ -101,9 +101,9 @@ def parse_reflection(text: str) -> Reflection:
 # UTF-16 surrogates, which are not characters at all; without them in the class, xgrammar lets a model emit them as
 # three bytes that are not valid UTF-8 and come back as U+FFFD, breaking the regex after decoding.
 _NEVER = r"\x00-\x08\x0b-\x1f\x7f\ud800-\udfff"
-# Whitespace that `str.strip` removes: a body must start with none of it, or a body of only whitespace would match
-# the regex and still be empty once `parse_reflection` strips it.
-_WHITESPACE = r" \t\n\r\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
+#: Whitespace that `str.strip` removes: a body must start with none of it, or a body of only whitespace would match
+#: the regex and still be empty once `parse_reflection` strips it (schemas/judge.py uses it too).
+STRIPPED_WHITESPACE = r" \t\n\r\x85\xa0\u1680\u2000-\u200a\u2028\u2029\u202f\u205f\u3000"
 # Reflection sections may hold neither `#` nor `<`, so that no heading or tag can be forged inside them; T1 only
 # excludes `<` (no `<think>` tag can be forged), markdown there is harmless.
 _SECTION_EXCLUDED = "#<" + _NEVER
@@ -114,7 +114,7 @@ _THINK_EXCLUDED = "<" + _NEVER
 _REGEX_SYNTAX = frozenset("\\.^$|?*+()[]{}")
 
 
-def _literal(text: str) -> str:
+def regex_literal(text: str) -> str:
     """`text` as a regex that matches exactly it, escaping only true regex syntax (portable across backends)."""
     return "".join("\\" + c if c in _REGEX_SYNTAX else c for c in text)
 
@@ -131,7 +131,7 @@ def section_cap(max_section_chars: int) -> int:
 def _body(max_chars: int, excluded: str) -> str:
     """A body of 1 to `section_cap(max_chars)` characters outside `excluded` whose first character is not
     whitespace."""
-    return rf"[^{_WHITESPACE}{excluded}][^{excluded}]{{0,{section_cap(max_chars) - 1}}}"
+    return rf"[^{STRIPPED_WHITESPACE}{excluded}][^{excluded}]{{0,{section_cap(max_chars) - 1}}}"
 
 
 def reflection_regex(max_section_chars: int = 600) -> str:
@@ -143,13 +143,13 @@ def reflection_regex(max_section_chars: int = 600) -> str:
     """
     body = _body(max_section_chars, _SECTION_EXCLUDED)
     return (
-        _literal(THINK_OPEN)
+        regex_literal(THINK_OPEN)
         + r"\n"
         + body
         + r"\n"
-        + r"\n".join(_literal(h) + r"\n" + body for h in HEADINGS)
+        + r"\n".join(regex_literal(h) + r"\n" + body for h in HEADINGS)
         + r"\n"
-        + _literal(THINK_CLOSE)
+        + regex_literal(THINK_CLOSE)
     )
 
 
@@ -158,7 +158,7 @@ def think_regex(max_chars: int = 1200) -> str:
 
     The length of a match is bounded by `think_regex_max_chars`.
     """
-    return _literal(THINK_OPEN) + r"\n" + _body(max_chars, _THINK_EXCLUDED) + r"\n" + _literal(THINK_CLOSE)
+    return regex_literal(THINK_OPEN) + r"\n" + _body(max_chars, _THINK_EXCLUDED) + r"\n" + regex_literal(THINK_CLOSE)
 
 
 def reflection_regex_max_chars(max_section_chars: int = 600) -> int:
