@@ -99,8 +99,8 @@ def eval_command(
     vlm: str | None = typer.Option(
         None,
         "--vlm",
-        help="Also ask this VLM (vLLM; a Hub id, folder or tiny:vlm) 'does the image match the "
-        "prompt?' per image, answer constrained to yes/no.",
+        help="Also ask this VLM (vLLM; a Hub id, folder or tiny:vlm) the build's judge question: does I1 / I2 "
+        "satisfy the prompt, which is better (a JSON answer forced by a regex; yes/no per image without I2).",
     ),
     force: bool = typer.Option(False, "--force", help="Overwrite an existing eval in --out."),
 ) -> None:

@@ -5,8 +5,9 @@ DIR is an `irgl generate` output (`generations.parquet`) or a built dataset (gra
 Per prompt: CLIP(prompt, I1), CLIP(prompt, I2) with the builder's scorer (`stages.engines.clip`, any open_clip
 model or `tiny:clip`); overall and per tag (the prompt file's "tag", e.g. GenEval's categories): the
 mean of both, the mean gain CLIP(I2) - CLIP(I1) and the share of prompts where I2 beats I1; with a VLM
-(`--vlm`, through the builder's text engine: vLLM), the share of images it says match the prompt, its answer
-constrained to "yes" or "no" by a structured output. Written to
+(`--vlm`, through the builder's text engine: vLLM), the build's judge (schemas/judge.py: I1 and I2 in one request,
+a JSON answer forced by a structured output): the shares of I1s and of I2s it says satisfy the prompt and of prompts
+where it finds I2 better (with I1 only: a yes/no per image). Written to
 `OUT/eval.json` (and `OUT/scores.jsonl`, one line per prompt) and printed as a table.
 
 GenEval (github.com/djghosh13/geneval) scores images with an object detector in its own environment (mmdet); this
@@ -31,6 +32,14 @@ from typing import Any
 import pyarrow.parquet as pq
 
 from pipeline.fsio import write_atomic
+from schemas.judge import (
+    Judgement,
+    JudgementError,
+    judge_instruction,
+    judge_regex,
+    judge_regex_max_chars,
+    parse_judgement,
+)
 
 EVAL_NAME = "eval.json"
 SCORES_NAME = "scores.jsonl"
@@ -97,12 +106,42 @@ def summarize(rows: list[dict[str, Any]]) -> dict[str, Any]:
         judged = [r[key] for r in rows if r.get(key) is not None]
         if judged:
             out[f"{key}_yes"] = sum(judged) / len(judged)
+    compared = [r["vlm_better"] for r in rows if r.get("vlm_better") is not None]
+    if compared:
+        out["vlm_i2_better"] = sum(b == "2" for b in compared) / len(compared)
     return out
 
 
-#: The VLM judge's question per image; its answer is constrained to exactly "yes" or "no".
+#: The VLM judge's question for a single image (only I1 was generated); its answer is exactly "yes" or "no". With
+#: I1 and I2 the build's judge (schemas/judge.py) is asked instead: both images in one request.
 JUDGE_QUESTION = 'Does this image match the request "{prompt}" (objects, counts, colours, positions)? Answer yes or no.'
 JUDGE_REGEX = "(yes|no)"
+#: The reason budget of the judge's answer in irgl eval (one short sentence).
+JUDGE_REASON_CHARS = 120
+
+
+def judge_pairs(engine: Any, rows: list[dict[str, Any]]) -> list[Judgement | None]:
+    """The build's VLM judge on each row's I1 and I2 in one request (schemas/judge.py: does each satisfy the prompt,
+    which is better, why; the JSON answer forced by its regex; greedy, seed 0). None for a row without both images
+    or whose answer does not parse."""
+    from stages.engines.text import TextRequest
+
+    todo = [k for k, r in enumerate(rows) if r["i1"] and r["i2"]]
+    requests = [
+        TextRequest(
+            prompt=judge_instruction(rows[k]["prompt"], JUDGE_REASON_CHARS),
+            images=[rows[k]["i1"], rows[k]["i2"]],
+            regex=judge_regex(JUDGE_REASON_CHARS),
+        )
+        for k in todo
+    ]
+    answers: list[Judgement | None] = [None] * len(rows)
+    for k, text in zip(todo, engine.generate(requests) if requests else [], strict=True):
+        try:
+            answers[k] = parse_judgement(str(text))
+        except JudgementError:
+            continue  # counted as not judged (the shares are over the judged rows)
+    return answers
 
 
 def judge(engine: Any, rows: list[dict[str, Any]], key: str) -> list[bool | None]:
@@ -213,17 +252,25 @@ def evaluate(
         from stages.tiny import resolve_text
 
         try:
-            text_cfg = resolve_text(TextModelConfig(model=vlm, max_tokens=8, temperature=0.0, max_images=1))
+            # Room for the judge's longest JSON answer at >= 1 character per token, 4x (the stages' rule).
+            budget = 4 * judge_regex_max_chars(JUDGE_REASON_CHARS)
+            text_cfg = resolve_text(TextModelConfig(model=vlm, max_tokens=budget, temperature=0.0, max_images=2))
         except ValidationError as exc:
             raise EvalError(f"--vlm {vlm}: {exc.errors()[0]['msg']}") from exc
         judge_engine = make_text_engine(text_cfg)
         judge_engine.setup()
     if judge_engine is not None:
-        echo(f"asking the VLM judge {vlm or getattr(judge_engine, 'model_name', '')} (yes/no per image)")
-        for key in ("i1", "i2"):
-            for item, answer in zip(per_row, judge(judge_engine, rows, key), strict=True):
+        name = vlm or getattr(judge_engine, "model_name", "")
+        if has_i2:
+            echo(f"asking the VLM judge {name} (I1 and I2 side by side: does each satisfy the prompt, which is better)")
+            for item, j in zip(per_row, judge_pairs(judge_engine, rows), strict=True):
+                if j is not None:
+                    item.update(vlm_i1=j.i1_satisfies, vlm_i2=j.i2_satisfies, vlm_better=j.better, vlm_reason=j.reason)
+        else:
+            echo(f"asking the VLM judge {name} (yes/no per image)")
+            for item, answer in zip(per_row, judge(judge_engine, rows, "i1"), strict=True):
                 if answer is not None:
-                    item[f"vlm_{key}"] = answer
+                    item["vlm_i1"] = answer
     tags = sorted({r["tag"] for r in per_row if r["tag"]})
     report: dict[str, Any] = {
         "source": str(directory),
@@ -250,7 +297,7 @@ def format_table(report: dict[str, Any]) -> str:
     """The console table: one line overall, one per tag."""
     vlm = "vlm_i1_yes" in report["overall"]
     head = f"{'tag':<16} {'n':>5} {'CLIP I1':>8} {'CLIP I2':>8} {'gain':>8} {'I2 > I1':>8}"
-    head += f" {'VLM I1':>7} {'VLM I2':>7}" if vlm else ""
+    head += f" {'VLM I1':>7} {'VLM I2':>7} {'VLM I2 better':>13}" if vlm else ""
     lines = [head, "-" * len(head)]
 
     def line(name: str, s: dict[str, Any]) -> str:
@@ -260,7 +307,7 @@ def format_table(report: dict[str, Any]) -> str:
         return (
             f"{name:<16} {s['n']:>5} {f('clip_i1', '.4f'):>8} {f('clip_i2', '.4f'):>8} {f('gain', '+.4f'):>8} "
             f"{f('i2_beats_i1', '.1%'):>8}"
-        ) + (f" {f('vlm_i1_yes', '.1%'):>7} {f('vlm_i2_yes', '.1%'):>7}" if vlm else "")
+        ) + (f" {f('vlm_i1_yes', '.1%'):>7} {f('vlm_i2_yes', '.1%'):>7} {f('vlm_i2_better', '.1%'):>13}" if vlm else "")
 
     lines.append(line("all", report["overall"]))
     lines += [line(tag, s) for tag, s in report["per_tag"].items()]

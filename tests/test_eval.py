@@ -100,12 +100,27 @@ def test_eval_command_refusals(generate_dir: Path, tmp_path: Path, tiny_clip: di
 
 
 @pytest.mark.slow
-def test_eval_vlm_judge_answers_yes_or_no(generate_dir: Path, tmp_path: Path, clip_scorer, vlm_engine) -> None:
-    """The optional judge (the session's tiny VLM on vLLM): every image gets a structured yes/no; the shares are
-    those of the answers."""
+def test_eval_vlm_judge_compares_i1_and_i2(
+    generate_dir: Path, tmp_path: Path, clip_scorer, vlm_engine, trajectories: list
+) -> None:
+    """The optional judge is the build's (schemas/judge.py; the session's tiny VLM on vLLM): I1 and I2 in one
+    request, the JSON answer its regex forces. Each row's vlm_* fields are the answer to that request, made again
+    here; the shares are those of the answers."""
+    from schemas.judge import judge_instruction, judge_regex, parse_judgement
+    from stages.engines.text import TextRequest
+
     report = evaluate(generate_dir, tmp_path / "ev", scorer=clip_scorer, judge_engine=vlm_engine, echo=lambda _: None)
     rows = [json.loads(line) for line in (tmp_path / "ev" / "scores.jsonl").read_text().splitlines()]
-    assert all(isinstance(r["vlm_i1"], bool) and isinstance(r["vlm_i2"], bool) for r in rows)
+    requests = [
+        TextRequest(prompt=judge_instruction(t.prompt, 120), images=[t.i1, t.i2], regex=judge_regex(120))
+        for t in trajectories
+    ]
+    for row, text in zip(rows, vlm_engine.generate(requests), strict=True):
+        j = parse_judgement(text)
+        assert (row["vlm_i1"], row["vlm_i2"], row["vlm_better"], row["vlm_reason"]) == (
+            j.i1_satisfies, j.i2_satisfies, j.better, j.reason
+        )  # fmt: skip
     assert report["overall"]["vlm_i1_yes"] == sum(r["vlm_i1"] for r in rows) / 4
+    assert report["overall"]["vlm_i2_better"] == sum(r["vlm_better"] == "2" for r in rows) / 4
     assert report["per_tag"]["counting"]["vlm_i2_yes"] == float(rows[2]["vlm_i2"])
-    assert "VLM I1" in format_table(report)
+    assert "VLM I2 better" in format_table(report)
