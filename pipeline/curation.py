@@ -53,7 +53,9 @@ def license_of(model: str | None) -> str:
 
 def _prompt_key(prompts: list[Prompt], cfg: CurationConfig) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps(cfg.model_dump(mode="json", exclude={"image_dedup"}), sort_keys=True).encode())
+    # What decides the drops: the filters' settings and the model, not the batch size or the device it ran on.
+    decisive = cfg.model_dump(mode="json", exclude={"image_dedup": True, "embedder": {"batch_size", "device"}})
+    h.update(json.dumps(decisive, sort_keys=True).encode())
     for p in prompts:
         h.update(json.dumps([p.text, p.source, p.where], ensure_ascii=False).encode("utf-8"))
     return h.hexdigest()[:24]

@@ -157,8 +157,16 @@ def test_image_near_duplicates_leave_the_shards_and_a_rerun_rewrites_only_what_c
     expected = _greedy(ids, emb, threshold)
     assert 0 < len(expected) < len(ids)
     markers = {p.name: json.loads(p.read_text()) for p in sorted((out / "state" / "units").glob("*.json"))}
+    # The rerun takes the prompt filters' decisions from state/curation/prompts.json instead of embedding again:
+    # a mark put into a stored reason comes back in the rerun's report.
+    decisions = out / "state" / "curation" / "prompts.json"
+    doc = json.loads(decisions.read_text())
+    doc["dropped"][0]["detail"] += " [stored]"
+    decisions.write_text(json.dumps(doc))
     again = build(_config(tmp, threshold), out, executor="local", stages=stages)
     assert again.units_run == 0  # no stage ran: the same trajectories, other shards
+    assert again.prompts.dropped == first.prompts.dropped
+    assert [p.endswith(" [stored]") for p in again.prompts.problems] == [True] + [False] * (len(DROPPED) - 1)
     doc = json.loads((out / "state" / "curation" / "images.json").read_text())
     assert {k: v[0] for k, v in doc["removed"].items()} == expected and doc["checked"] == len(ids)
     assert _shard_ids(out) == [i for i in ids if i not in expected]
