@@ -120,6 +120,19 @@ JUDGE_REGEX = "(yes|no)"
 JUDGE_REASON_CHARS = 120
 
 
+def _model_context(model: str) -> int | None:
+    """The longest context a model's config declares (its text model's max_position_embeddings); None if unknown."""
+    try:
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model)
+    except Exception:  # not loadable here (offline Hub id, ...): vLLM will say what is wrong
+        return None
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    value = getattr(text, "max_position_embeddings", None)
+    return int(value) if value else None
+
+
 def judge_pairs(engine: Any, rows: list[dict[str, Any]]) -> list[Judgement | None]:
     """The build's VLM judge on each row's I1 and I2 in one request (schemas/judge.py: does each satisfy the prompt,
     which is better, why; the JSON answer forced by its regex; greedy, seed 0). None for a row without both images
@@ -257,6 +270,10 @@ def evaluate(
             text_cfg = resolve_text(TextModelConfig(model=vlm, max_tokens=budget, temperature=0.0, max_images=2))
         except ValidationError as exc:
             raise EvalError(f"--vlm {vlm}: {exc.errors()[0]['msg']}") from exc
+        # The context: the config's default, unless the model's own is shorter (vLLM refuses a longer one).
+        context = _model_context(text_cfg.model)
+        if context is not None and context < text_cfg.max_model_len:
+            text_cfg = text_cfg.model_copy(update={"max_model_len": context})
         judge_engine = make_text_engine(text_cfg)
         judge_engine.setup()
     if judge_engine is not None:
