@@ -140,7 +140,11 @@ def image_duplicates(out: Path, units: list[int], cfg: ImageDedupConfig) -> dict
     vectors: list[bytes] = []
     missing = 0
     for unit in sorted(units):
-        table = pq.read_table(out / "trajectories" / f"{unit_name(unit)}.parquet", columns=["id", "i2_embedding"])
+        path = out / "trajectories" / f"{unit_name(unit)}.parquet"
+        if "i2_embedding" not in pq.read_schema(path).names:  # written before the embedding was kept
+            missing += pq.ParquetFile(path).metadata.num_rows
+            continue
+        table = pq.read_table(path, columns=["id", "i2_embedding"])
         for tid, emb in zip(table.column("id").to_pylist(), table.column("i2_embedding").to_pylist(), strict=True):
             if emb:
                 ids.append(tid)

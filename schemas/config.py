@@ -510,10 +510,11 @@ class BuildConfig(StrictModel):
         }
         # Every model stage's model config, keyed by stage name (fields with exclude=True are performance knobs). The
         # filters (safety, judge) are in it as the score's thresholds are: they decide which trajectories are kept.
-        # An optional stage that does not run counts as None (absent and disabled are the same build).
+        # An optional stage that does not run leaves the hash as it is: absent and disabled are the same build, and a
+        # build started before the stage existed resumes with it turned off.
         for s in model_stages():
-            section = getattr(self, s.config_attr)
-            keep[s.name] = section.model.model_dump() if stage_enabled(self, s.name) else None
+            if stage_enabled(self, s.name):
+                keep[s.name] = getattr(self, s.config_attr).model.model_dump()
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode("utf-8")).hexdigest()[:16]
 
 
