@@ -168,10 +168,6 @@ def image_duplicates(out: Path, units: list[int], cfg: ImageDedupConfig) -> dict
     return doc
 
 
-def read_image_duplicates(out: Path) -> dict[str, Any] | None:
-    return _read_json(Path(out) / CURATION_DIR / IMAGES_FILE)
-
-
 # ---------------------------------------------------------------------------------------------------------------
 # Facts
 

@@ -164,13 +164,11 @@ def shards_excluded(marker: dict[str, Any]) -> list[str]:
     return list((marker.get("shards") or {}).get("excluded") or [])
 
 
-def shards_current(out: Path, marker: dict[str, Any], shard_hash: str, exclude: list[str] | None = None) -> bool:
-    """Whether the marker's unit has its shards, written with this shard config (and, when given, without exactly
-    the trajectories of `exclude`) and unchanged since."""
+def shards_current(out: Path, marker: dict[str, Any], shard_hash: str) -> bool:
+    """Whether the marker's unit has its shards, written with this shard config and unchanged since (which
+    trajectories they leave out is the I2 near-duplicate pass's to check: `shards_excluded`)."""
     shards = marker.get("shards")
     if not shards or shards.get("config") != shard_hash:
-        return False
-    if exclude is not None and shards_excluded(marker) != sorted(exclude):
         return False
     mtimes = shards.get("mtimes", {})
     return all(_file_ok(out / f["path"], f["bytes"], f["sha256"], mtimes.get(f["path"])) for f in shards["files"])

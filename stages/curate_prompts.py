@@ -72,9 +72,9 @@ def curate_prompts(
     emb = None
     if _needs_embedder(cfg):
         if embedder is None:
-            from stages.engines.embed import open_embedder
+            from stages.engines import open_sentence_embedder
 
-            embedder = open_embedder(cfg.embedder)
+            embedder = open_sentence_embedder(cfg.embedder)
         emb = embedder.embed(texts, progress=progress)  # progress(n): n more prompts embedded
 
     drop: dict[int, dict[str, Any]] = {}

@@ -18,7 +18,7 @@ class SafetyStage(ModelStage):
     name = "safety"
 
     def make_engine(self) -> Any:
-        from stages.engines.safety import open_image_safety
+        from stages.engines import open_image_safety
 
         return open_image_safety(self.cfg)
 
